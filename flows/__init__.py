@@ -1,0 +1,1 @@
+"""thermocal's Prefect flow and its command line."""

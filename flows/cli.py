@@ -1,0 +1,186 @@
+"""The command line: `thermocal run | predict | runs` (also `python -m flows`).
+
+Exit codes: 0 success; 2 a user's mistake (bad data file, bad option, unknown run);
+3 training diverged; 1 anything else (an internal fault).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tasks.errors import InvalidInput, ThermocalError
+from tasks.settings import NORMALIZATIONS, STRATEGIES, CalibrationSettings
+
+DEFAULTS = CalibrationSettings()
+
+# Prefect reads these when it is imported. A cold ephemeral server takes about 17 s to become
+# healthy, close to Prefect's 20 s default timeout; there is no internet for telemetry here.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default="data/runs", help="where runs and stage outputs live (default: %(default)s)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thermocal", description="Learn a thermometer's calibration by gradient descent.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the calibration pipeline")
+    run.add_argument("--data", default="data/readings.csv", help="CSV of paired readings (default: %(default)s)")
+    _add_store(run)
+    run.add_argument("--reading-column", default=DEFAULTS.reading_column, help="column of instrument readings (default: %(default)s)")
+    run.add_argument("--celsius-column", default=DEFAULTS.celsius_column, help="column of true °C (default: %(default)s)")
+    run.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULTS.normalize, help="input normalization (default: %(default)s)")
+    run.add_argument("--scale", type=float, default=DEFAULTS.scale, help="factor for --normalize scale (default: %(default)s)")
+    run.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction, help="share held out for validation, in [0, 1); 0 trains on all rows (default: %(default)s)")
+    run.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split (default: %(default)s)")
+    run.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy, help="how the gradient is computed (default: %(default)s)")
+    run.add_argument("--optimizer", default=DEFAULTS.optimizer, help="torch.optim optimizer for --strategy optimizer, any case (default: %(default)s)")
+    run.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)")
+    run.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
+    run.add_argument("--delta", type=float, default=DEFAULTS.delta, help="step of --strategy finite-difference (default: %(default)s)")
+    run.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="log epochs 1-3, then every N (default: %(default)s)")
+    run.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
+    run.add_argument("--json", action="store_true", help="print one JSON object")
+
+    predict = commands.add_parser("predict", help="convert readings to °C with a persisted model, without retraining")
+    predict.add_argument("readings", type=float, nargs="+", metavar="READING")
+    predict.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
+    _add_store(predict)
+    predict.add_argument("--json", action="store_true", help="print a JSON list")
+
+    runs = commands.add_parser("runs", help="list the persisted runs")
+    _add_store(runs)
+    runs.add_argument("--json", action="store_true", help="print a JSON list")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> CalibrationSettings:
+    from pydantic import ValidationError
+
+    from tasks.settings import describe_validation_error
+
+    fields = {name: getattr(args, name) for name in CalibrationSettings.model_fields}
+    try:
+        return CalibrationSettings(**fields)
+    except ValidationError as error:
+        raise InvalidInput(describe_validation_error(error)) from None
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs a failed task's traceback; for a user's mistake the message alone is the answer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ThermocalError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    hide = _HideUserErrorTracebacks()
+    for name in [None, *logging.root.manager.loggerDict]:
+        logger = logging.getLogger(name)
+        if name is None or name.startswith("prefect"):
+            for handler in getattr(logger, "handlers", []):
+                handler.addFilter(hide)
+
+
+def _print_run(summary: dict) -> None:
+    cal = summary["calibration"]
+    print(f"calibration: °C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}")
+    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
+    print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}), "
+          f"validation loss {val}, {summary['epochs_run']} epochs")
+    for row in summary["predictions"]:
+        print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
+    print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
+    for name, stage in summary["stages"].items():
+        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['path']}")
+    print(f"plot: {summary['report']}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    from flows.calibrate import calibrate
+
+    _quiet_user_errors()
+    summary = calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_run(summary)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from tasks.evaluate import predict_celsius
+    from tasks.normalize import Normalizer
+    from tasks.store import Store
+
+    store = Store(args.store)
+    manifest = store.manifest(args.run_id)
+    stages = manifest["stages"]
+    trained = store.load({"stage": "train", **stages["train"]})
+    normalizer = Normalizer(**store.load({"stage": "normalize", **stages["normalize"]})["normalizer"])
+    celsius = predict_celsius(trained["params"]["w"], trained["params"]["b"], normalizer, args.readings)
+    rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        print(f"run {manifest['run_id']}: °C = {trained['calibration']['slope']:.6f} × reading {trained['calibration']['intercept']:+.6f}")
+        for row in rows:
+            print(f"  {row['reading']:g} -> {row['celsius']:.4f} °C")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from tasks.store import Store
+
+    rows = []
+    for m in Store(args.store).manifests():
+        p, r = m["parameters"], m["results"]
+        rows.append({
+            "run_id": m["run_id"], "created": m["created"], "strategy": p["strategy"], "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
+            "normalize": p["normalize"], "lr": p["lr"], "epochs": p["epochs"], "val_fraction": p["val_fraction"],
+            "train_loss": r["train_loss"], "val_loss": r["val_loss"], "slope": r["calibration"]["slope"], "intercept": r["calibration"]["intercept"],
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {Path(args.store).resolve()}")
+        return 0
+    print(f"{'run id':<24} {'strategy':<17} {'normalize':<9} {'lr':>8} {'epochs':>6} {'train loss':>11} {'val loss':>10}  calibration")
+    for row in rows:
+        strategy = row["strategy"] + (f"/{row['optimizer']}" if row["optimizer"] else "")
+        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
+        print(f"{row['run_id']:<24} {strategy:<17} {row['normalize']:<9} {row['lr']:>8g} {row['epochs']:>6} "
+              f"{row['train_loss']:>11.6f} {val:>10}  °C = {row['slope']:.5f} × r {row['intercept']:+.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
+    args = _parser().parse_args(argv)
+    command = {"run": _run, "predict": _predict, "runs": _runs}[args.command]
+    try:
+        return command(args)
+    except ThermocalError as error:
+        print(f"thermocal: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("thermocal: interrupted", file=sys.stderr)
+        return 130

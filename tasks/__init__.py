@@ -1,0 +1,1 @@
+"""thermocal's stages: plain logic, and the thin Prefect tasks around it."""

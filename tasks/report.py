@@ -1,0 +1,69 @@
+"""The seed's picture and a readable summary of a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def plot_calibration(path: Path, table: pd.DataFrame, slope: float, intercept: float, train_loss: np.ndarray, val_loss: np.ndarray | None) -> None:
+    """Readings as points with the fitted line (raw units), and the loss curves, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    for subset, marker in (("train", "o"), ("validation", "s")):
+        rows = table[table["subset"] == subset]
+        if len(rows):
+            left.plot(rows["reading"], rows["celsius"], marker, label=f"{subset} readings")
+    xs = np.linspace(table["reading"].min(), table["reading"].max(), 100)
+    left.plot(xs, slope * xs + intercept, "-", label=f"°C = {slope:.4f} × reading {intercept:+.4f}")
+    left.set_xlabel("Reading (instrument units)")
+    left.set_ylabel("Temperature (°Celsius)")
+    left.set_title("Calibration")
+    left.legend()
+    epochs = np.arange(1, len(train_loss) + 1)
+    right.plot(epochs, train_loss, label="training loss")
+    if val_loss is not None:
+        right.plot(epochs, val_loss, label="validation loss")
+    right.set_yscale("log")
+    right.set_xlabel("Epoch")
+    right.set_ylabel("MSE (°C²)")
+    right.set_title("Loss")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def summary_markdown(summary: dict) -> str:
+    """A short report: the calibration, the losses and the gap to the least-squares optimum."""
+    cal, opt = summary["calibration"], summary["optimum"]
+    val = "n/a (no validation split)" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
+    settings = "\n".join(f"| {k} | {v} |" for k, v in summary["settings"].items())
+    return f"""# thermocal calibration
+
+**°C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}**
+
+| metric | value |
+|---|---|
+| training loss (MSE) | {summary['train_loss']:.6f} |
+| validation loss (MSE) | {val} |
+| least-squares optimum (training rows) | {opt['train_loss']:.6f} |
+| gap to optimum (relative) | {summary['gap_to_optimum']:.3e} |
+| model w, b (normalized inputs) | {summary['model']['w']:.6f}, {summary['model']['b']:.6f} |
+| epochs | {summary['epochs_run']} |
+| rows (train / validation) | {summary['train_rows']} / {summary['val_rows']} |
+
+## Settings
+
+| setting | value |
+|---|---|
+{settings}
+
+![calibration](report.png)
+"""

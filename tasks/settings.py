@@ -1,0 +1,78 @@
+"""Typed settings: one model, validated before anything runs, shown as the flow's parameters."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Strategy = Literal["finite-difference", "analytic", "autograd", "optimizer"]
+Normalization = Literal["none", "scale", "standard"]
+
+STRATEGIES: tuple[str, ...] = Strategy.__args__
+NORMALIZATIONS: tuple[str, ...] = Normalization.__args__
+
+
+class CalibrationSettings(BaseModel):
+    """Every option of a calibration run; each stage keys its cache on the fields it reads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # ingest: the CSV's column names for the instrument's reading and the true temperature
+    reading_column: str = Field("reading", min_length=1)
+    celsius_column: str = Field("celsius", min_length=1)
+    # normalize: z-score by default, which makes the loss well conditioned;
+    # "scale" with 0.1 is the seed's own choice (t_un = 0.1 * t_u)
+    normalize: Normalization = "standard"
+    scale: float = 0.1
+    # split: the seed holds out int(0.2 * n) rows; 0 trains on every row and skips validation
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int = 42
+    # train: the seed's hand-derived gradient, learning rate and epoch count
+    strategy: Strategy = "analytic"
+    optimizer: str = "sgd"  # torch.optim class, case-insensitive; used by strategy "optimizer"
+    lr: float = Field(1e-2, gt=0.0)
+    epochs: int = Field(5000, gt=0)
+    delta: float = Field(0.1, gt=0.0)  # finite-difference step; the loss is quadratic, so any delta is exact
+    log_every: int = Field(500, gt=0)  # log epochs 1-3, then every log_every, as the seed prints
+
+    @field_validator("scale", "lr", "delta")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _nonzero_scale(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must not be 0 (it would erase every reading)")
+        return value
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from tasks.strategies import optimizer_names
+
+        name = value.lower()
+        if name not in optimizer_names():
+            raise ValueError(f"unknown optimizer {value!r}; choose one of: {', '.join(optimizer_names())}")
+        return name
+
+    @model_validator(mode="after")
+    def _columns_differ(self) -> CalibrationSettings:
+        if self.reading_column == self.celsius_column:
+            raise ValueError("reading_column and celsius_column must name different columns")
+        return self
+
+
+def describe_validation_error(error) -> str:
+    """One line per invalid field of a pydantic ValidationError, naming the field."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {field}: {message} (got {item.get('input')!r})")
+    return "invalid options:\n" + "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The seven pipeline stages as thin Prefect tasks around the plain logic.
+
+Each stage gets the store, its cache key (computed by the flow from its inputs, code and
+settings, see `stage_key`) and its inputs; it loads upstream outputs from the store by their
+refs, calls plain functions, writes its own output folder and returns its ref (small JSON).
+Prefect caches that ref under the key, so a repeated stage is reported `Cached`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+import torch
+from prefect import get_run_logger, task
+
+from tasks.evaluate import evaluate_model, predictions_table, predict_celsius
+from tasks.ingest import CELSIUS, READING, read_csv, validate_readings
+from tasks.normalize import Normalizer, fit_normalizer
+from tasks.report import plot_calibration, summary_markdown
+from tasks.split import split_indices
+from tasks.store import Store, sha256_json, write_json
+from tasks.train import train_model
+
+# the modules whose source decides each stage's output; editing one invalidates that stage's cache
+CODE_MODULES: dict[str, tuple[str, ...]] = {}
+
+
+@functools.cache
+def code_version(modules: tuple[str, ...]) -> str:
+    """sha256 over the source files of `modules`."""
+    sources = [Path(importlib.util.find_spec(name).origin).read_bytes().hex() for name in modules]
+    return sha256_json(dict(zip(modules, sources)))
+
+
+def stage_key(stage: str, inputs: dict) -> str:
+    """The cache key of a stage: its name, its code, and the inputs that decide its output."""
+    return sha256_json({"stage": stage, "code": code_version(CODE_MODULES[stage]), "inputs": inputs})
+
+
+def _cache_key(context, parameters: dict) -> str:
+    return parameters["key"]
+
+
+def _stage(name: str, modules: tuple[str, ...]):
+    CODE_MODULES[name] = ("tasks.stages", "tasks.store", *modules)
+    return task(name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
+
+
+def _joblib(value):
+    return lambda path: joblib.dump(value, path)
+
+
+def _csv(frame: pd.DataFrame):
+    return lambda path: frame.to_csv(path, index=False)
+
+
+def _json(value):
+    return lambda path: write_json(path, value)
+
+
+@_stage("ingest", ("tasks.ingest", "tasks.split", "tasks.errors"))
+def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str) -> dict:
+    """Read the CSV and validate it against the readings schema."""
+    table = validate_readings(read_csv(Path(data)), Path(data), reading_column, celsius_column, min_rows)
+    get_run_logger().info("ingested %d valid readings from %s", len(table), data)
+    files = {"ingest.joblib": _joblib(table), "readings.csv": _csv(table)}
+    return Store(store).write_stage("ingest", key, files, {"rows": len(table), "data_sha256": data_sha256})
+
+
+@_stage("normalize", ("tasks.normalize", "tasks.errors"))
+def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: float | None) -> dict:
+    """Fit the normalization on the readings and apply it."""
+    table = Store(store).load(ingest)
+    normalizer = fit_normalizer(table[READING].to_numpy(), method, scale if scale is not None else 0.1)
+    output = {"normalizer": normalizer.to_dict(), "x": normalizer.apply(table[READING].to_numpy())}
+    files = {"normalize.joblib": _joblib(output), "normalize.json": _json(normalizer.to_dict())}
+    return Store(store).write_stage("normalize", key, files, normalizer.to_dict())
+
+
+@_stage("split", ("tasks.split",))
+def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed: int) -> dict:
+    """Seeded train/validation indices."""
+    train_idx, val_idx = split_indices(ingest["summary"]["rows"], val_fraction, seed)
+    output = {"train": train_idx, "validation": val_idx, "val_fraction": val_fraction, "seed": seed}
+    readable = {"train": train_idx.tolist(), "validation": val_idx.tolist(), "val_fraction": val_fraction, "seed": seed}
+    files = {"split.joblib": _joblib(output), "split.json": _json(readable)}
+    return Store(store).write_stage("split", key, files, {"train_rows": len(train_idx), "val_rows": len(val_idx)})
+
+
+def _inputs(store: Store, ingest: dict, normalize: dict, split: dict):
+    table, norm, idx = store.load(ingest), store.load(normalize), store.load(split)
+    return table, norm, idx
+
+
+@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.errors"))
+def train_calibration(
+    store: str, key: str, ingest: dict, normalize: dict, split: dict,
+    strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None, log_every: int,
+) -> dict:
+    """Gradient descent on the training rows, validation loss every epoch."""
+    s = Store(store)
+    table, norm, idx = _inputs(s, ingest, normalize, split)
+    x = torch.from_numpy(norm["x"])
+    y = torch.from_numpy(table[CELSIUS].to_numpy(np.float32))
+    train_idx, val_idx = torch.from_numpy(idx["train"]), torch.from_numpy(idx["validation"])
+    logger = get_run_logger()
+    result = train_model(
+        x[train_idx], y[train_idx], x[val_idx], y[val_idx],
+        strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
+        log_every=log_every, log=logger.info,
+    )
+    slope, intercept = Normalizer(**norm["normalizer"]).raw_calibration(result.w, result.b)
+    settings = {"strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta}
+    output = {
+        "params": {"w": result.w, "b": result.b},
+        "calibration": {"slope": slope, "intercept": intercept},
+        "settings": settings,
+        "history": {"train_loss": result.train_loss, "val_loss": result.val_loss},
+        "epochs_run": result.epochs_run,
+    }
+    history = pd.DataFrame({"epoch": np.arange(1, result.epochs_run + 1), "train_loss": result.train_loss})
+    if result.val_loss is not None:
+        history["val_loss"] = result.val_loss
+    files = {"train.joblib": _joblib(output), "loss_history.csv": _csv(history)}
+    summary = {"w": result.w, "b": result.b, "slope": slope, "intercept": intercept, "epochs_run": result.epochs_run}
+    return s.write_stage("train", key, files, summary)
+
+
+@_stage("validate", ("tasks.evaluate", "tasks.model"))
+def validate_calibration(store: str, key: str, ingest: dict, normalize: dict, split: dict, train: dict) -> dict:
+    """Final losses with gradients off, and the gap to the least-squares optimum."""
+    s = Store(store)
+    table, norm, idx = _inputs(s, ingest, normalize, split)
+    params = s.load(train)["params"]
+    metrics = evaluate_model(
+        params["w"], params["b"], Normalizer(**norm["normalizer"]), norm["x"], table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
+    )
+    files = {"validate.joblib": _joblib(metrics), "metrics.json": _json(metrics)}
+    return s.write_stage("validate", key, files, metrics)
+
+
+@_stage("infer", ("tasks.evaluate", "tasks.model", "tasks.normalize"))
+def infer_celsius(store: str, key: str, ingest: dict, normalize: dict, split: dict, train: dict, readings: list[float]) -> dict:
+    """°C for every reading of the dataset and for the new readings asked."""
+    s = Store(store)
+    table, norm, idx = _inputs(s, ingest, normalize, split)
+    params = s.load(train)["params"]
+    normalizer = Normalizer(**norm["normalizer"])
+    dataset = predictions_table(params["w"], params["b"], normalizer, table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["validation"])
+    new = pd.DataFrame({"reading": np.asarray(readings, dtype=np.float64)})
+    new["celsius"] = predict_celsius(params["w"], params["b"], normalizer, new["reading"].to_numpy())
+    files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "predictions.csv": _csv(dataset), "new_predictions.csv": _csv(new)}
+    return s.write_stage("infer", key, files, {"new": new.to_dict(orient="records")})
+
+
+@_stage("report", ("tasks.report",))
+def report_run(store: str, key: str, train: dict, validate: dict, infer: dict, settings: dict) -> dict:
+    """The seed's plot and a markdown summary."""
+    s = Store(store)
+    trained, metrics, predictions = s.load(train), s.load(validate), s.load(infer)
+    summary = {
+        "model": trained["params"],
+        "calibration": trained["calibration"],
+        "train_loss": metrics["train_loss"],
+        "val_loss": metrics["val_loss"],
+        "optimum": metrics["optimum"],
+        "gap_to_optimum": metrics["gap_to_optimum"],
+        "epochs_run": trained["epochs_run"],
+        "train_rows": metrics["train_rows"],
+        "val_rows": metrics["val_rows"],
+        "settings": settings,
+    }
+    history = trained["history"]
+    files = {
+        "report.joblib": _joblib(summary),
+        "report.png": lambda path: plot_calibration(
+            path, predictions["dataset"], trained["calibration"]["slope"], trained["calibration"]["intercept"],
+            history["train_loss"], history["val_loss"],
+        ),
+        "report.md": lambda path: path.write_text(summary_markdown(summary)),
+    }
+    return s.write_stage("report", key, files, {})

@@ -1,0 +1,211 @@
+"""The store: stage outputs addressed by cache key, written atomically, loaded only when their hash matches.
+
+Layout under the store root (default data/runs):
+    stages/<NN_stage>/<key>/<stage>.joblib   the stage's output as data, plus readable CSV/JSON/PNG
+    stages/<NN_stage>/<key>/meta.json        every file of the stage with its sha256
+    <run_id>/manifest.json                   one run: inputs, parameters, versions, stage files and hashes
+    .records/                                Prefect's cache records (which key produced which stage ref)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import joblib
+
+from tasks.errors import StoreError
+
+STAGES = ("ingest", "normalize", "split", "train", "validate", "infer", "report")
+RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
+_CHUNK = 1 << 20
+
+
+def stage_folder(stage: str) -> str:
+    """'train' -> '04_train': stage folders are numbered in pipeline order, as Kedro numbers its layers."""
+    return f"{STAGES.index(stage) + 1:02d}_{stage}"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary sibling, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+class Store:
+    """A store root; every path it hands out stays below that root."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+
+    @property
+    def records(self) -> Path:
+        return self.root / ".records"
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        if not re.fullmatch(r"[0-9a-f]{64}", key):
+            raise StoreError(f"malformed stage key {key!r}")
+        return self.root / "stages" / stage_folder(stage) / key
+
+    def run_dir(self, run_id: str) -> Path:
+        if not RUN_ID.match(run_id):
+            raise StoreError(f"malformed run id {run_id!r}; run ids look like 20261130-062553-1a2b3c4d")
+        return self.root / run_id
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def write_stage(self, stage: str, key: str, files: dict[str, Callable[[Path], None]], summary: dict | None = None) -> dict:
+        """Write a stage's files into a fresh folder and rename it into place as a whole.
+
+        `files` maps a file name to a writer; the first is the stage's main file. Returns the
+        stage ref: the data a downstream stage needs to find and verify this output.
+        """
+        final = self.stage_dir(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            hashes = {}
+            for name, write in files.items():
+                write(tmp / name)
+                with open(tmp / name, "rb+") as handle:
+                    os.fsync(handle.fileno())
+                hashes[name] = sha256_file(tmp / name)
+            main = next(iter(files))
+            meta = {"stage": stage, "key": key, "main": main, "files": hashes, "summary": summary or {}}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            _fsync_dir(tmp)
+            self._install(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self.stage_ref(stage, key)
+
+    def _install(self, tmp: Path, final: Path) -> None:
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # the folder exists: another run wrote it first, or it is damaged
+            if self.intact(final):
+                return
+            trash = final.parent / f".trash-{uuid.uuid4().hex}"
+            os.rename(final, trash)
+            os.rename(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        _fsync_dir(final.parent)
+
+    def intact(self, folder: Path) -> bool:
+        """True when the folder's meta.json exists and every file it lists has its recorded hash."""
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            return all(sha256_file(folder / name) == digest for name, digest in meta["files"].items())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def stage_intact(self, stage: str, key: str) -> bool:
+        return self.intact(self.stage_dir(stage, key))
+
+    def stage_ref(self, stage: str, key: str) -> dict:
+        folder = self.stage_dir(stage, key)
+        meta = json.loads((folder / "meta.json").read_text())
+        main = meta["main"]
+        return {
+            "stage": stage,
+            "key": key,
+            "path": str((folder / main).relative_to(self.root)),
+            "sha256": meta["files"][main],
+            "files": {name: str((folder / name).relative_to(self.root)) for name in meta["files"]},
+            "summary": meta["summary"],
+        }
+
+    def path(self, relative: str) -> Path:
+        """An absolute path for a store-relative one, refusing anything outside the store."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root):
+            raise StoreError(f"{relative!r} points outside the store {self.root}")
+        return path
+
+    def load(self, ref: dict) -> Any:
+        """joblib.load the stage's main file, only if it still has the hash recorded when it was written."""
+        path = self.path(ref["path"])
+        try:
+            actual = sha256_file(path)
+        except OSError:
+            raise StoreError(f"{path}: missing; run the pipeline again to recompute the {ref['stage']} stage") from None
+        if actual != ref["sha256"]:
+            raise StoreError(
+                f"{path}: content hash {actual[:12]}… differs from the recorded {ref['sha256'][:12]}…; "
+                "the file was modified or corrupted, so it was not loaded"
+            )
+        return joblib.load(path)
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def write_manifest(self, run_id: str, manifest: dict) -> Path:
+        path = self.run_dir(run_id) / "manifest.json"
+        write_json(path, manifest)
+        return path
+
+    def manifests(self) -> list[dict]:
+        """Every readable run manifest, oldest first."""
+        found = []
+        if not self.root.is_dir():
+            return found
+        for folder in self.root.iterdir():
+            if RUN_ID.match(folder.name) and (folder / "manifest.json").is_file():
+                try:
+                    found.append(json.loads((folder / "manifest.json").read_text()))
+                except (OSError, ValueError):
+                    continue
+        return sorted(found, key=lambda m: (m.get("created", ""), m.get("run_id", "")))
+
+    def manifest(self, run_id: str | None = None) -> dict:
+        """The manifest of `run_id`, or of the latest run."""
+        if run_id is None:
+            runs = self.manifests()
+            if not runs:
+                raise StoreError(f"no runs in {self.root}; run `thermocal run` first")
+            return runs[-1]
+        path = self.run_dir(run_id) / "manifest.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"no run {run_id!r} in {self.root}; `thermocal runs` lists them") from None
