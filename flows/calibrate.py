@@ -50,8 +50,17 @@ def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
     key = stage_key(stage_task.name, key_inputs)
     configured = stage_task.with_options(result_storage=store.records, refresh_cache=not store.stage_intact(stage_task.name, key))
     state = configured(store=str(store.root), key=key, **keyed, **unkeyed, return_state=True)
+    if state.is_failed():
+        _discard_failure_record(state, store)
     ref = state.result()  # raises the stage's own error when it failed
     return StageRun(ref, state.name == "Cached")
+
+
+def _discard_failure_record(state, store: Store) -> None:
+    """Prefect writes a failed task's exception as a result record; a failed run leaves nothing in the store."""
+    storage_key = getattr(getattr(state.data, "metadata", None), "storage_key", None)
+    if storage_key and Path(storage_key).resolve().is_relative_to(store.records):
+        Path(storage_key).unlink(missing_ok=True)
 
 
 def _data_sha256(path: Path) -> str:
@@ -126,35 +135,36 @@ def calibrate(
 ) -> dict:
     """Learn °C = slope × reading + intercept from paired readings, persisting every stage."""
     s, data_path, predict = Store(store), Path(data).resolve(), list(predict or [])
-    data_sha256 = _data_sha256(data_path)
-    train_only = {"optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
-                  "delta": settings.delta if settings.strategy == "finite-difference" else None}
-
-    ingest = _run_stage(
-        ingest_readings, s,
-        {"data_sha256": data_sha256, "reading_column": settings.reading_column,
-         "celsius_column": settings.celsius_column, "min_rows": rows_needed(settings.val_fraction)},
-        data=str(data_path),
-    )
-    normalize = _run_stage(
-        normalize_readings, s,
-        {"ingest": ingest.ref, "method": settings.normalize, "scale": settings.scale if settings.normalize == "scale" else None},
-    )
-    split = _run_stage(split_readings, s, {"ingest": ingest.ref, "val_fraction": settings.val_fraction, "seed": settings.seed})
-    upstream = {"ingest": ingest.ref, "normalize": normalize.ref, "split": split.ref}
-    train = _run_stage(
-        train_calibration, s,
-        {**upstream, "strategy": settings.strategy, "lr": settings.lr, "epochs": settings.epochs, **train_only},
-        log_every=settings.log_every,
-    )
-    validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
-    infer = _run_stage(infer_celsius, s, {**upstream, "train": train.ref, "readings": predict})
-    report = _run_stage(
-        report_run, s,
-        {"train": train.ref, "validate": validate.ref, "infer": infer.ref, "settings": settings.model_dump(exclude={"log_every"})},
-    )
-
-    stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
-              "validate": validate, "infer": infer, "report": report}
-    outcomes = {name: {"ref": run.ref, "cached": run.cached} for name, run in stages.items()}
-    return record_run(str(s.root), str(data_path), data_sha256, settings.model_dump(), predict, outcomes)
+    with s.tidy_on_failure():
+        data_sha256 = _data_sha256(data_path)
+        ingest = _run_stage(
+            ingest_readings, s,
+            {"data_sha256": data_sha256, "reading_column": settings.reading_column,
+             "celsius_column": settings.celsius_column, "min_rows": rows_needed(settings.val_fraction)},
+            data=str(data_path),
+        )
+        normalize = _run_stage(
+            normalize_readings, s,
+            {"ingest": ingest.ref, "method": settings.normalize,
+             "scale": settings.scale if settings.normalize == "scale" else None},
+        )
+        split = _run_stage(split_readings, s, {"ingest": ingest.ref, "val_fraction": settings.val_fraction, "seed": settings.seed})
+        upstream = {"ingest": ingest.ref, "normalize": normalize.ref, "split": split.ref}
+        train = _run_stage(
+            train_calibration, s,
+            {**upstream, "strategy": settings.strategy, "lr": settings.lr, "epochs": settings.epochs,
+             "optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
+             "delta": settings.delta if settings.strategy == "finite-difference" else None},
+            log_every=settings.log_every,
+        )
+        validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
+        infer = _run_stage(infer_celsius, s, {**upstream, "train": train.ref, "readings": predict})
+        report = _run_stage(
+            report_run, s,
+            {"train": train.ref, "validate": validate.ref, "infer": infer.ref,
+             "settings": settings.model_dump(exclude={"log_every"})},
+        )
+        stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
+                  "validate": validate, "infer": infer, "report": report}
+        return record_run(str(s.root), str(data_path), data_sha256, settings.model_dump(), predict,
+                          {name: {"ref": run.ref, "cached": run.cached} for name, run in stages.items()})

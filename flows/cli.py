@@ -88,12 +88,11 @@ class _HideUserErrorTracebacks(logging.Filter):
 
 
 def _quiet_user_errors() -> None:
-    hide = _HideUserErrorTracebacks()
     for name in [None, *logging.root.manager.loggerDict]:
-        logger = logging.getLogger(name)
         if name is None or name.startswith("prefect"):
-            for handler in getattr(logger, "handlers", []):
-                handler.addFilter(hide)
+            for handler in getattr(logging.getLogger(name), "handlers", []):
+                if not any(isinstance(f, _HideUserErrorTracebacks) for f in handler.filters):
+                    handler.addFilter(_HideUserErrorTracebacks())
 
 
 def _print_run(summary: dict) -> None:

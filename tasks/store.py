@@ -9,6 +9,7 @@ Layout under the store root (default data/runs):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -176,6 +177,27 @@ class Store:
                 "the file was modified or corrupted, so it was not loaded"
             )
         return joblib.load(path)
+
+    @contextlib.contextmanager
+    def tidy_on_failure(self):
+        """If the store did not exist and the block fails, remove the empty folders it left behind."""
+        existed = self.root.exists()
+        try:
+            yield self
+        except BaseException:
+            if not existed:
+                self.remove_empty_folders()
+            raise
+
+    def remove_empty_folders(self) -> None:
+        """Remove folders of the store that hold no file (never a file), deepest first."""
+        if not self.root.is_dir():
+            return
+        for folder in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        if not any(self.root.iterdir()):
+            self.root.rmdir()
 
     # -- runs ---------------------------------------------------------------------------------
 
