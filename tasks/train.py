@@ -32,9 +32,24 @@ def _log_line(epoch: int, train: float, val: float | None) -> str:
     return line if val is None else f"{line}, Validation loss {val:.4f}"
 
 
-def _first_bad_epoch(losses: torch.Tensor, start: int) -> int | None:
-    bad = (~torch.isfinite(losses)).nonzero()
+# A loss a millionfold above its first value has left any basin gradient descent can return from:
+# in float32 the parameters then grow past the resolution that finite differences need (w ± delta == w),
+# so the loss can stall at a huge finite value instead of reaching inf.
+BLOW_UP = 1e6
+
+
+def _first_bad_epoch(losses: torch.Tensor, start: int, limit: float) -> int | None:
+    bad = (~torch.isfinite(losses) | (losses > limit)).nonzero()
     return None if bad.numel() == 0 else start + int(bad[0]) + 1
+
+
+def _diverged(epoch: int, loss: float, first: float, strategy: str, lr: float) -> TrainingDiverged:
+    what = f"became {loss}" if not np.isfinite(loss) else f"grew to {loss:.4g}, over {BLOW_UP:g} times its first value {first:.4g}"
+    return TrainingDiverged(
+        f"training diverged at epoch {epoch}: the training loss {what} (strategy {strategy}, lr {lr:g}). "
+        f"Use a smaller learning rate (e.g. --lr {lr / 100:g}) or normalize the readings "
+        "(--normalize standard, or --normalize scale --scale 0.1). No model was saved."
+    )
 
 
 def train_model(
@@ -65,15 +80,11 @@ def train_model(
         train_hist[epoch - 1] = stepper.step(x_train, y_train)
         # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
         if epoch <= 3 or epoch % log_every == 0 or epoch == epochs:
-            bad = _first_bad_epoch(train_hist[checked:epoch], checked)
+            first = float(train_hist[0])
+            bad = _first_bad_epoch(train_hist[checked:epoch], checked, BLOW_UP * max(first, 1e-12))
             if bad is not None or not torch.isfinite(stepper.params).all():
                 bad = bad or epoch
-                raise TrainingDiverged(
-                    f"training diverged at epoch {bad}: the training loss became {float(train_hist[bad - 1])} "
-                    f"(strategy {strategy}, lr {lr:g}). Use a smaller learning rate (e.g. --lr {lr / 100:g}) "
-                    "or normalize the readings (--normalize standard, or --normalize scale --scale 0.1). "
-                    "No model was saved."
-                )
+                raise _diverged(bad, float(train_hist[bad - 1]), first, strategy, lr)
             checked = epoch
             line = _log_line(epoch, float(train_hist[epoch - 1]), float(val_hist[epoch - 1]) if has_val else None)
             log_lines.append(line)

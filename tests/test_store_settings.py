@@ -1,0 +1,115 @@
+"""The store writes atomically, verifies hashes before unpickling, and keeps paths inside; settings refuse bad options."""
+
+import json
+
+import joblib
+import pytest
+from pydantic import ValidationError
+
+from tasks.errors import StoreError
+from tasks.settings import CalibrationSettings, describe_validation_error
+from tasks.store import Store, sha256_file
+
+KEY = "ab" * 32
+
+
+def _write(store: Store, value=None):
+    return store.write_stage("train", KEY, {"train.joblib": lambda p: joblib.dump(value or {"w": 1.0}, p), "note.txt": lambda p: p.write_text("hi")})
+
+
+def test_stage_is_written_with_hashes_and_loads(tmp_path):
+    store = Store(tmp_path)
+    ref = _write(store)
+    folder = tmp_path / "stages" / "04_train" / KEY
+    assert ref["path"] == f"stages/04_train/{KEY}/train.joblib"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["files"]["train.joblib"] == sha256_file(folder / "train.joblib") == ref["sha256"]
+    assert store.load(ref) == {"w": 1.0}
+    assert store.stage_intact("train", KEY)
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_tampered_file_is_never_unpickled(tmp_path):
+    store = Store(tmp_path)
+    ref = _write(store)
+    path = tmp_path / ref["path"]
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    joblib.dump(Evil(), path)
+    assert not store.stage_intact("train", KEY)
+    with pytest.raises(StoreError, match="differs from the recorded"):
+        store.load(ref)
+    assert not marker.exists()
+
+
+def test_missing_file_is_reported(tmp_path):
+    store = Store(tmp_path)
+    ref = _write(store)
+    (tmp_path / ref["path"]).unlink()
+    assert not store.stage_intact("train", KEY)
+    with pytest.raises(StoreError, match="missing"):
+        store.load(ref)
+
+
+def test_rewriting_a_damaged_stage_replaces_it(tmp_path):
+    store = Store(tmp_path)
+    ref = _write(store)
+    (tmp_path / ref["path"]).write_bytes(b"garbage")
+    ref2 = _write(store)
+    assert store.load(ref2) == {"w": 1.0}
+
+
+def test_paths_cannot_escape_the_store(tmp_path):
+    store = Store(tmp_path / "store")
+    with pytest.raises(StoreError, match="outside the store"):
+        store.path("../../etc/passwd")
+    with pytest.raises(StoreError, match="malformed run id"):
+        store.run_dir("../elsewhere")
+    with pytest.raises(StoreError, match="malformed stage key"):
+        store.stage_dir("train", "../x")
+
+
+def test_failed_first_run_leaves_no_folder(tmp_path):
+    store = Store(tmp_path / "new")
+    with pytest.raises(RuntimeError):
+        with store.tidy_on_failure():
+            (store.root / ".records").mkdir(parents=True)
+            raise RuntimeError("boom")
+    assert not store.root.exists()
+
+
+def test_latest_manifest(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(StoreError, match="no runs"):
+        store.manifest()
+    store.write_manifest("20260101-000000-00000001", {"run_id": "a", "created": "2026-01-01T00:00:00"})
+    store.write_manifest("20260102-000000-00000002", {"run_id": "b", "created": "2026-01-02T00:00:00"})
+    assert store.manifest()["run_id"] == "b"
+    with pytest.raises(StoreError, match="no run"):
+        store.manifest("20990101-000000-00000009")
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        ({"lr": 0}, "lr"), ({"lr": -1e-3}, "lr"), ({"epochs": 0}, "epochs"),
+        ({"val_fraction": 1.0}, "val_fraction"), ({"val_fraction": -0.1}, "val_fraction"),
+        ({"scale": 0}, "scale"), ({"strategy": "magic"}, "strategy"), ({"normalize": "minmax"}, "normalize"),
+        ({"optimizer": "nope"}, "optimizer"), ({"lr": float("nan")}, "lr"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_field(options, field):
+    with pytest.raises(ValidationError) as error:
+        CalibrationSettings(**options)
+    assert f"  {field}:" in describe_validation_error(error.value)
+
+
+def test_optimizer_names_are_case_insensitive_and_unknown_ones_list_the_choices():
+    assert CalibrationSettings(optimizer="AdamW").optimizer == "adamw"
+    with pytest.raises(ValidationError) as error:
+        CalibrationSettings(optimizer="nope")
+    assert "sgd" in str(error.value) and "rmsprop" in str(error.value)
