@@ -40,7 +40,11 @@ def readings_schema(reading_column: str, celsius_column: str, min_rows: int) -> 
                 nullable=False,
             ),
         },
-        checks=[pa.Check(lambda df: len(df) >= min_rows, name="enough_rows")],
+        checks=[
+            pa.Check(lambda df: len(df) >= min_rows, name="enough_rows"),
+            # a line through readings that are all equal is not determined
+            pa.Check(lambda df: len(df) < 2 or _numeric(df[reading_column]).nunique() >= 2, name="distinct_readings"),
+        ],
         strict=False,  # extra columns (a timestamp, a note) are allowed and ignored
         name="readings",
     )
@@ -81,6 +85,8 @@ def _describe_failures(path: Path, failures: pd.DataFrame, frame: pd.DataFrame, 
             lines.append((-1, f"column {value!r} is missing (columns found: {found}){hint}"))
         elif check == "enough_rows":
             lines.append((-1, f"{len(frame)} row(s) of readings; at least {min_rows} needed (2 to train, 1 to validate when --val-fraction > 0)"))
+        elif check == "distinct_readings":
+            lines.append((-1, f"every value in column {columns[0]!r} is the same; a calibration needs at least two different readings"))
         elif check.startswith("coerce_dtype"):
             lines.append((index, f"{where}, column {column!r}: {value!r} is not a number"))
         elif check == "not_nullable":
