@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import platform
-import subprocess
-import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from tasks.errors import InvalidInput
 from tasks.settings import CalibrationSettings
 from tasks.split import rows_needed
+from tasks.record import record_run
 from tasks.stages import (
-    CODE_MODULES,
-    code_version,
     infer_celsius,
     ingest_readings,
     normalize_readings,
@@ -29,8 +23,6 @@ from tasks.stages import (
     validate_calibration,
 )
 from tasks.store import Store, sha256_file
-
-LIBRARIES = ("torch", "prefect", "pandera", "pandas", "numpy", "joblib", "pydantic", "matplotlib")
 
 
 @dataclass(frozen=True)
@@ -63,6 +55,20 @@ def _discard_failure_record(state, store: Store) -> None:
         Path(storage_key).unlink(missing_ok=True)
 
 
+def run_tags(settings: CalibrationSettings) -> list[str]:
+    """Tags that let the UI filter runs by strategy and normalization."""
+    found = [f"strategy:{settings.strategy}", f"normalize:{settings.normalize}"]
+    return found + ([f"optimizer:{settings.optimizer}"] if settings.strategy == "optimizer" else [])
+
+
+def _tag_flow_run(extra: list[str]) -> None:
+    """Add tags to this flow run, however it was started (CLI, schedule, UI form)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(extra)))
+
+
 def _data_sha256(path: Path) -> str:
     try:
         return sha256_file(path)
@@ -74,58 +80,6 @@ def _data_sha256(path: Path) -> str:
         raise InvalidInput(f"{path}: permission denied") from None
 
 
-def _code_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-@task(name="record-run")
-def record_run(store: str, data: str, data_sha256: str, settings: dict, predict: list[float], stages: dict[str, dict]) -> dict:
-    """Write the run's manifest and return the run's summary."""
-    s = Store(store)
-    now = datetime.now(timezone.utc)
-    run_id = f"{now:%Y%m%d-%H%M%S}-{(flow_run.id or uuid.uuid4().hex).replace('-', '')[:8]}"
-    train, validate, infer = (stages[n]["ref"]["summary"] for n in ("train", "validate", "infer"))
-    summary = {
-        "run_id": run_id,
-        "run_dir": str(s.run_dir(run_id)),
-        "model": {"w": train["w"], "b": train["b"]},
-        "calibration": {"slope": train["slope"], "intercept": train["intercept"]},
-        "train_loss": validate["train_loss"],
-        "val_loss": validate["val_loss"],
-        "optimum": validate["optimum"],
-        "gap_to_optimum": validate["gap_to_optimum"],
-        "epochs_run": train["epochs_run"],
-        "predictions": infer["new"],
-        "stages": {name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"]} for name, run in stages.items()},
-        "report": str(s.path(stages["report"]["ref"]["files"]["report.png"])),
-    }
-    manifest = {
-        "run_id": run_id,
-        "created": now.isoformat(),
-        "flow_run_id": flow_run.id,
-        "data": {"path": data, "sha256": data_sha256},
-        "parameters": {**settings, "predict": predict},
-        "code": {
-            "revision": _code_revision(),
-            "sha256": code_version(tuple(sorted({m for mods in CODE_MODULES.values() for m in mods}))),
-        },
-        "libraries": {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}},
-        "stages": {
-            name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"]}
-            for name, run in stages.items()
-        },
-        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "epochs_run", "predictions")},
-    }
-    s.write_manifest(run_id, manifest)
-    return summary
-
-
 @flow(name="thermocal-calibrate", persist_result=False)
 def calibrate(
     data: str = "data/readings.csv",
@@ -135,7 +89,8 @@ def calibrate(
 ) -> dict:
     """Learn °C = slope × reading + intercept from paired readings, persisting every stage."""
     s, data_path, predict = Store(store), Path(data).resolve(), list(predict or [])
-    with s.tidy_on_failure():
+    _tag_flow_run(run_tags(settings))
+    with s.tidy_on_failure(), tags(*run_tags(settings)):
         data_sha256 = _data_sha256(data_path)
         ingest = _run_stage(
             ingest_readings, s,

@@ -40,30 +40,33 @@ def plot_calibration(path: Path, table: pd.DataFrame, slope: float, intercept: f
     plt.close(fig)
 
 
-def summary_markdown(summary: dict) -> str:
-    """A short report: the calibration, the losses and the gap to the least-squares optimum."""
+def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict | None = None) -> str:
+    """A readable report: the calibration in raw units, the losses, the gap to least squares, the
+    settings, where each stage's output lives and whether it was cached, and the plot at `image`."""
     cal, opt = summary["calibration"], summary["optimum"]
     val = "n/a (no validation split)" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
-    settings = "\n".join(f"| {k} | {v} |" for k, v in summary["settings"].items())
-    return f"""# thermocal calibration
-
-**°C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}**
-
-| metric | value |
-|---|---|
-| training loss (MSE) | {summary['train_loss']:.6f} |
-| validation loss (MSE) | {val} |
-| least-squares optimum (training rows) | {opt['train_loss']:.6f} |
-| gap to optimum (relative) | {summary['gap_to_optimum']:.3e} |
-| model w, b (normalized inputs) | {summary['model']['w']:.6f}, {summary['model']['b']:.6f} |
-| epochs | {summary['epochs_run']} |
-| rows (train / validation) | {summary['train_rows']} / {summary['val_rows']} |
-
-## Settings
-
-| setting | value |
-|---|---|
-{settings}
-
-![calibration](report.png)
-"""
+    rows = [
+        ("training loss (MSE)", f"{summary['train_loss']:.6f}"),
+        ("validation loss (MSE)", val),
+        ("least-squares optimum on the training rows (MSE)", f"{opt['train_loss']:.6f}"),
+        ("gap to the optimum (relative)", f"{summary['gap_to_optimum']:.3e}"),
+        ("model w, b (on normalized readings)", f"{summary['model']['w']:.6f}, {summary['model']['b']:.6f}"),
+        ("epochs", str(summary["epochs_run"])),
+    ]
+    if "train_rows" in summary:
+        rows.append(("rows (training / validation)", f"{summary['train_rows']} / {summary['val_rows']}"))
+    parts = [
+        "# thermocal calibration",
+        f"**°C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}**",
+        "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows),
+        "## Settings",
+        "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in settings.items()),
+    ]
+    if stages:
+        parts += [
+            "## Stages",
+            "| stage | cached | output |\n|---|---|---|\n"
+            + "\n".join(f"| {name} | {'yes' if st['cached'] else 'no'} | `{st['path']}` |" for name, st in stages.items()),
+        ]
+    parts.append(f"![calibration plot]({image})")
+    return "\n\n".join(parts) + "\n"

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from tasks.strategies import optimizer_names
 
 Strategy = Literal["finite-difference", "analytic", "autograd", "optimizer"]
 Normalization = Literal["none", "scale", "standard"]
+
+# torch.optim's optimizers by lowercase name; the CLI and the API accept any case
+OptimizerName = Annotated[Literal[tuple(optimizer_names())], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
 
 STRATEGIES: tuple[str, ...] = Strategy.__args__
 NORMALIZATIONS: tuple[str, ...] = Normalization.__args__
@@ -20,22 +25,23 @@ class CalibrationSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # ingest: the CSV's column names for the instrument's reading and the true temperature
-    reading_column: str = Field("reading", min_length=1)
-    celsius_column: str = Field("celsius", min_length=1)
+    reading_column: str = Field("reading", min_length=1, description="CSV column of the instrument's readings")
+    celsius_column: str = Field("celsius", min_length=1, description="CSV column of the true temperatures in °C")
     # normalize: z-score by default, which makes the loss well conditioned;
     # "scale" with 0.1 is the seed's own choice (t_un = 0.1 * t_u)
-    normalize: Normalization = "standard"
-    scale: float = 0.1
+    normalize: Normalization = Field("standard", description="none; scale (x × scale); standard (z-score)")
+    scale: float = Field(0.1, description="factor of normalize=scale; not 0")
     # split: the seed holds out int(0.2 * n) rows; 0 trains on every row and skips validation
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    seed: int = 42
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of rows held out for validation, in [0, 1)")
+    seed: int = Field(42, description="seed of the train/validation split")
     # train: the seed's hand-derived gradient, learning rate and epoch count
-    strategy: Strategy = "analytic"
-    optimizer: str = "sgd"  # torch.optim class, case-insensitive; used by strategy "optimizer"
-    lr: float = Field(1e-2, gt=0.0)
-    epochs: int = Field(5000, gt=0)
-    delta: float = Field(0.1, gt=0.0)  # finite-difference step; the loss is quadratic, so any delta is exact
-    log_every: int = Field(500, gt=0)  # log epochs 1-3, then every log_every, as the seed prints
+    strategy: Strategy = Field("analytic", description="how the gradient is computed")
+    optimizer: OptimizerName = Field("sgd", description="torch.optim optimizer, used by strategy=optimizer")
+    lr: float = Field(1e-2, gt=0.0, description="learning rate")
+    epochs: int = Field(5000, gt=0, description="training epochs")
+    # the loss is quadratic in (w, b), so central differences are exact for any delta
+    delta: float = Field(0.1, gt=0.0, description="finite-difference step")
+    log_every: int = Field(500, gt=0, description="log epochs 1-3, then every N")
 
     @field_validator("scale", "lr", "delta")
     @classmethod
@@ -50,16 +56,6 @@ class CalibrationSettings(BaseModel):
         if value == 0:
             raise ValueError("must not be 0 (it would erase every reading)")
         return value
-
-    @field_validator("optimizer")
-    @classmethod
-    def _known_optimizer(cls, value: str) -> str:
-        from tasks.strategies import optimizer_names
-
-        name = value.lower()
-        if name not in optimizer_names():
-            raise ValueError(f"unknown optimizer {value!r}; choose one of: {', '.join(optimizer_names())}")
-        return name
 
     @model_validator(mode="after")
     def _columns_differ(self) -> CalibrationSettings:

@@ -65,8 +65,13 @@ def train_model(
     optimizer: str = "sgd",
     log_every: int = 500,
     log: Callable[[str], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train [w, b] from the seed's start; raise TrainingDiverged when the loss turns inf or NaN."""
+    """Train [w, b] from the seed's start; raise TrainingDiverged when the loss turns inf or NaN.
+
+    `log` gets the seed's progress lines; `progress(epoch)` is called after every epoch and must
+    stay cheap (it must not read a loss back).
+    """
     stepper = make_stepper(strategy, torch.tensor(INITIAL_PARAMS), lr=lr, delta=delta, optimizer=optimizer)
     has_val = x_val is not None and x_val.numel() > 0
     train_hist = torch.empty(epochs)
@@ -78,6 +83,8 @@ def train_model(
             with torch.no_grad():  # validation never builds a graph
                 val_hist[epoch - 1] = loss_fn(model(x_val, *stepper.params), y_val)
         train_hist[epoch - 1] = stepper.step(x_train, y_train)
+        if progress is not None:
+            progress(epoch)
         # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
         if epoch <= 3 or epoch % log_every == 0 or epoch == epochs:
             first = float(train_hist[0])

@@ -1,0 +1,101 @@
+"""The last step of a run: its manifest in the store and its artifacts in Prefect."""
+
+from __future__ import annotations
+
+import base64
+import platform
+import subprocess
+import uuid
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+
+from tasks.report import calibration_markdown
+from tasks.stages import CODE_MODULES, code_version
+from tasks.store import Store
+
+LIBRARIES = ("torch", "prefect", "pandera", "pandas", "numpy", "joblib", "pydantic", "matplotlib")
+# artifact keys: lowercase letters, digits and dashes, the same in every run so the UI tracks them
+METRICS_KEY, REPORT_KEY = "thermocal-metrics", "thermocal-report"
+
+
+def _code_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def new_run_id(now: datetime) -> str:
+    """'20261130-063405-8f6691f9': UTC time, then the flow run's id (or a random one)."""
+    return f"{now:%Y%m%d-%H%M%S}-{(flow_run.id or uuid.uuid4().hex).replace('-', '')[:8]}"
+
+
+def _publish(summary: dict, settings: dict) -> None:
+    cal, opt = summary["calibration"], summary["optimum"]
+    create_table_artifact(
+        key=METRICS_KEY,
+        description="Final metrics and the calibration of this run",
+        table=[
+            {"metric": "slope (°C per reading)", "value": cal["slope"]},
+            {"metric": "intercept (°C)", "value": cal["intercept"]},
+            {"metric": "training loss (MSE)", "value": summary["train_loss"]},
+            {"metric": "validation loss (MSE)", "value": summary["val_loss"]},
+            {"metric": "least-squares optimum (MSE)", "value": opt["train_loss"]},
+            {"metric": "gap to optimum (relative)", "value": summary["gap_to_optimum"]},
+            {"metric": "epochs", "value": summary["epochs_run"]},
+        ],
+    )
+    png = Path(summary["report"]).read_bytes()
+    image = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    create_markdown_artifact(key=REPORT_KEY, description="thermocal calibration report", markdown=calibration_markdown(summary, settings, image, summary["stages"]))
+
+
+@task(name="record-run")
+def record_run(store: str, data: str, data_sha256: str, settings: dict, predict: list[float], stages: dict[str, dict]) -> dict:
+    """Write the run's manifest, publish its artifacts, return its summary."""
+    s = Store(store)
+    now = datetime.now(timezone.utc)
+    run_id = new_run_id(now)
+    train, validate, infer = (stages[n]["ref"]["summary"] for n in ("train", "validate", "infer"))
+    summary = {
+        "run_id": run_id,
+        "run_dir": str(s.run_dir(run_id)),
+        "model": {"w": train["w"], "b": train["b"]},
+        "calibration": {"slope": train["slope"], "intercept": train["intercept"]},
+        "train_loss": validate["train_loss"],
+        "val_loss": validate["val_loss"],
+        "optimum": validate["optimum"],
+        "gap_to_optimum": validate["gap_to_optimum"],
+        "epochs_run": train["epochs_run"],
+        "predictions": infer["new"],
+        "stages": {name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"]} for name, run in stages.items()},
+        "report": str(s.path(stages["report"]["ref"]["files"]["report.png"])),
+    }
+    manifest = {
+        "run_id": run_id,
+        "created": now.isoformat(),
+        "flow_run_id": flow_run.id,
+        "data": {"path": data, "sha256": data_sha256},
+        "parameters": {**settings, "predict": predict},
+        "code": {
+            "revision": _code_revision(),
+            "sha256": code_version(tuple(sorted({m for mods in CODE_MODULES.values() for m in mods}))),
+        },
+        "libraries": {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}},
+        "stages": {
+            name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"]}
+            for name, run in stages.items()
+        },
+        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "epochs_run", "predictions")},
+    }
+    s.write_manifest(run_id, manifest)
+    _publish(summary, settings)
+    return summary
