@@ -1,6 +1,5 @@
 """The calibration flow: ingest -> normalize -> split -> train -> validate -> infer -> report."""
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path

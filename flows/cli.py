@@ -1,4 +1,4 @@
-"""The command line: `thermocal run | predict | runs` (also `python -m flows`).
+"""The command line: `thermocal run | serve | server | predict | runs` (also `python -m flows`).
 
 Exit codes: 0 success; 2 a user's mistake (bad data file, bad option, unknown run);
 3 training diverged; 1 anything else (an internal fault).
@@ -31,27 +31,43 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default="data/runs", help="where runs and stage outputs live (default: %(default)s)")
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="data/readings.csv", help="CSV of paired readings (default: %(default)s)")
+    _add_store(parser)
+    parser.add_argument("--reading-column", default=DEFAULTS.reading_column, help="column of instrument readings (default: %(default)s)")
+    parser.add_argument("--celsius-column", default=DEFAULTS.celsius_column, help="column of true °C (default: %(default)s)")
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULTS.normalize, help="input normalization (default: %(default)s)")
+    parser.add_argument("--scale", type=float, default=DEFAULTS.scale, help="factor for --normalize scale (default: %(default)s)")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction, help="share held out for validation, in [0, 1); 0 trains on all rows (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy, help="how the gradient is computed (default: %(default)s)")
+    parser.add_argument("--optimizer", default=DEFAULTS.optimizer, help="torch.optim optimizer for --strategy optimizer, any case (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
+    parser.add_argument("--delta", type=float, default=DEFAULTS.delta, help="step of --strategy finite-difference (default: %(default)s)")
+    parser.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="log epochs 1-3, then every N (default: %(default)s)")
+    parser.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thermocal", description="Learn a thermometer's calibration by gradient descent.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the calibration pipeline")
-    run.add_argument("--data", default="data/readings.csv", help="CSV of paired readings (default: %(default)s)")
-    _add_store(run)
-    run.add_argument("--reading-column", default=DEFAULTS.reading_column, help="column of instrument readings (default: %(default)s)")
-    run.add_argument("--celsius-column", default=DEFAULTS.celsius_column, help="column of true °C (default: %(default)s)")
-    run.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULTS.normalize, help="input normalization (default: %(default)s)")
-    run.add_argument("--scale", type=float, default=DEFAULTS.scale, help="factor for --normalize scale (default: %(default)s)")
-    run.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction, help="share held out for validation, in [0, 1); 0 trains on all rows (default: %(default)s)")
-    run.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split (default: %(default)s)")
-    run.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy, help="how the gradient is computed (default: %(default)s)")
-    run.add_argument("--optimizer", default=DEFAULTS.optimizer, help="torch.optim optimizer for --strategy optimizer, any case (default: %(default)s)")
-    run.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)")
-    run.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
-    run.add_argument("--delta", type=float, default=DEFAULTS.delta, help="step of --strategy finite-difference (default: %(default)s)")
-    run.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="log epochs 1-3, then every N (default: %(default)s)")
-    run.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
+    _add_run_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object")
+
+    serve = commands.add_parser("serve", help="serve the pipeline as a scheduled deployment (needs PREFECT_API_URL)")
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help="cron schedule, e.g. '0 * * * *' for hourly")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
+    serve.add_argument("--name", default="scheduled", help="deployment name (default: %(default)s)")
+    _add_run_options(serve)
+
+    server = commands.add_parser("server", help="a local Prefect server and UI on 127.0.0.1")
+    server.add_argument("action", choices=("start", "status", "stop"))
+    server.add_argument("--port", type=int, default=4200, help="API and UI port (default: %(default)s)")
+    server.add_argument("--background", action="store_true", help="with start: return once it is started")
 
     predict = commands.add_parser("predict", help="convert readings to °C with a persisted model, without retraining")
     predict.add_argument("readings", type=float, nargs="+", metavar="READING")
@@ -109,10 +125,14 @@ def _print_run(summary: dict) -> None:
     print(f"plot: {summary['report']}")
 
 
-def _run(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def _prepare_prefect() -> None:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _prepare_prefect()
     from flows.calibrate import calibrate
 
     _quiet_user_errors()
@@ -122,6 +142,29 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print_run(summary)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flows.serving import deployment_parameters, serve_calibration
+
+    settings = _settings(args)
+    if args.interval is not None and not args.interval > 0:
+        raise InvalidInput(f"--interval must be a positive number of seconds (got {args.interval:g})")
+    parameters = deployment_parameters(args.data, args.store, settings, args.predict)
+    _prepare_prefect()
+    _quiet_user_errors()
+    serve_calibration(args.name, parameters, settings, args.cron, args.interval)
+    return 0
+
+
+def _server(args: argparse.Namespace) -> int:
+    from flows import serving
+
+    if args.action == "start":
+        return serving.server_start(args.port, args.background)
+    if args.action == "status":
+        return serving.server_status(args.port)
+    return serving.server_stop()
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -174,7 +217,7 @@ def _runs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
     args = _parser().parse_args(argv)
-    command = {"run": _run, "predict": _predict, "runs": _runs}[args.command]
+    command = {"run": _run, "serve": _serve, "server": _server, "predict": _predict, "runs": _runs}[args.command]
     try:
         return command(args)
     except ThermocalError as error:

@@ -58,7 +58,7 @@ def _publish(summary: dict, settings: dict) -> None:
     create_markdown_artifact(key=REPORT_KEY, description="thermocal calibration report", markdown=calibration_markdown(summary, settings, image, summary["stages"]))
 
 
-@task(name="record-run")
+@task(name="record-run", task_run_name="record-run")
 def record_run(store: str, data: str, data_sha256: str, settings: dict, predict: list[float], stages: dict[str, dict]) -> dict:
     """Write the run's manifest, publish its artifacts, return its summary."""
     s = Store(store)

@@ -50,7 +50,7 @@ def _cache_key(context, parameters: dict) -> str:
 
 def _stage(name: str, modules: tuple[str, ...]):
     CODE_MODULES[name] = ("tasks.stages", "tasks.store", *modules)
-    return task(name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
+    return task(name=name, task_run_name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
 
 
 PROGRESS_KEY = "thermocal-training-progress"

@@ -53,7 +53,7 @@ def task_states(flow_run_id: str) -> dict[str, str]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs if r.name.rsplit("-", 1)[0] in STAGES}
+    return {r.name: r.state.name for r in runs if r.name in STAGES}
 
 
 def snapshot(store: Path) -> dict | None:

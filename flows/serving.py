@@ -1,0 +1,109 @@
+"""Scheduled runs (`thermocal serve`) and a local Prefect server with its UI (`thermocal server`)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tasks.errors import InvalidInput
+from tasks.settings import CalibrationSettings
+
+DEFAULT_PORT = 4200
+
+
+def api_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def deployment_parameters(data: str, store: str, settings: CalibrationSettings, predict: list[float]) -> dict:
+    """The flow's parameters as JSON; paths made absolute so every scheduled run reads the same file."""
+    return {
+        "data": str(Path(data).resolve()),
+        "store": str(Path(store).resolve()),
+        "settings": settings.model_dump(mode="json"),
+        "predict": list(predict),
+    }
+
+
+def serve_calibration(name: str, parameters: dict, settings: CalibrationSettings, cron: str | None, interval: float | None) -> None:
+    """Register the deployment `thermocal-calibrate/<name>` with its schedule and run what it schedules.
+
+    Returns when stopped by SIGINT or SIGTERM; Prefect then pauses the deployment's schedule and
+    deletes its scheduled runs, so nothing runs while nobody serves it.
+    """
+    if not os.environ.get("PREFECT_API_URL"):
+        raise InvalidInput(
+            "thermocal serve needs a running Prefect server to hold the schedule: start one with "
+            f"`thermocal server start`, then `export PREFECT_API_URL={api_url(DEFAULT_PORT)}`"
+        )
+    if not Path(parameters["data"]).is_file():
+        raise InvalidInput(f"{parameters['data']}: no such file")
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.calibrate import calibrate, run_tags
+
+    calibrate.serve(
+        name=name,
+        cron=cron,
+        interval=interval,
+        parameters=parameters,
+        tags=["thermocal", *run_tags(settings)],
+        description="Calibrate the readings file as it is at each scheduled time; unchanged data comes back cached.",
+        entrypoint_type=EntrypointType.MODULE_PATH,  # flows.calibrate.calibrate, wherever the command is run
+        limit=1,  # one run at a time: a run that comes due while another trains waits for it
+    )
+
+
+def _prefect(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "prefect"), *args]
+
+
+def server_env(port: int) -> dict:
+    """A server on 127.0.0.1:port whose UI calls the API on that same port, without telemetry."""
+    return {
+        **os.environ,
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": api_url(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def server_healthy(port: int, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url(port)}/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def server_start(port: int, background: bool) -> int:
+    """Start `prefect server start` on 127.0.0.1:port, in the foreground unless `background`."""
+    if server_healthy(port):
+        print(f"a Prefect server already answers on {api_url(port)}")
+        return 0
+    command = _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port))
+    print(f"Prefect server and UI: http://127.0.0.1:{port}\nfor thermocal run/serve: export PREFECT_API_URL={api_url(port)}", flush=True)
+    if background:
+        return subprocess.run([*command, "--background"], env=server_env(port)).returncode
+    try:
+        return subprocess.run(command, env=server_env(port)).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
+def server_status(port: int) -> int:
+    if server_healthy(port):
+        print(f"up: {api_url(port)} (UI http://127.0.0.1:{port})")
+        return 0
+    print(f"down: nothing answers on {api_url(port)}")
+    return 1
+
+
+def server_stop() -> int:
+    """Stop a server started with --background (Prefect keeps its process id in PREFECT_HOME)."""
+    return subprocess.run(_prefect("server", "stop")).returncode
