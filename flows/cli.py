@@ -117,6 +117,10 @@ def _print_run(summary: dict) -> None:
     val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
     print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}), "
           f"validation loss {val}, {summary['epochs_run']} epochs")
+    if not summary["converged"]:
+        from tasks.evaluate import not_converged_message
+
+        print(f"warning: {not_converged_message(summary)}")
     for row in summary["predictions"]:
         print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
     print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
@@ -130,12 +134,24 @@ def _prepare_prefect() -> None:
         os.environ.setdefault(name, value)
 
 
+def _check_data_file(path: str) -> None:
+    """Refuse a missing data file before paying for Prefect's start-up (the flow checks again)."""
+    data = Path(path)
+    if not data.exists():
+        raise InvalidInput(f"{path}: no such file")
+    if data.is_dir():
+        raise InvalidInput(f"{path}: is a directory, not a CSV file")
+
+
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    _check_data_file(args.data)
     _prepare_prefect()
     from flows.calibrate import calibrate
+    from flows.serving import start_ephemeral_server
 
     _quiet_user_errors()
+    start_ephemeral_server()
     summary = calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -148,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
     from flows.serving import deployment_parameters, serve_calibration
 
     settings = _settings(args)
+    _check_data_file(args.data)
     if args.interval is not None and not args.interval > 0:
         raise InvalidInput(f"--interval must be a positive number of seconds (got {args.interval:g})")
     parameters = deployment_parameters(args.data, args.store, settings, args.predict)

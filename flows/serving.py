@@ -39,8 +39,6 @@ def serve_calibration(name: str, parameters: dict, settings: CalibrationSettings
             "thermocal serve needs a running Prefect server to hold the schedule: start one with "
             f"`thermocal server start`, then `export PREFECT_API_URL={api_url(DEFAULT_PORT)}`"
         )
-    if not Path(parameters["data"]).is_file():
-        raise InvalidInput(f"{parameters['data']}: no such file")
     from prefect.deployments.runner import EntrypointType
 
     from flows.calibrate import calibrate, run_tags
@@ -107,3 +105,27 @@ def server_status(port: int) -> int:
 def server_stop() -> int:
     """Stop a server started with --background (Prefect keeps its process id in PREFECT_HOME)."""
     return subprocess.run(_prefect("server", "stop")).returncode
+
+
+def start_ephemeral_server() -> None:
+    """Start Prefect's temporary server for this process, if no PREFECT_API_URL names a server.
+
+    Prefect would start it at the first flow call anyway (the same instance is reused). Started
+    here, concurrent first runs on a new PREFECT_HOME take turns: each new server migrates the
+    SQLite database, and two migrating at once fail ("No such constraint"). Once the database
+    exists, starts share the lock and run in parallel.
+    """
+    import fcntl
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    fresh = not (home / "prefect.db").exists()
+    with open(home / ".thermocal-server-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if fresh else fcntl.LOCK_SH)
+        SubprocessASGIServer().start()

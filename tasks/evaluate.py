@@ -10,6 +10,12 @@ from tasks.model import calc_forward, least_squares
 from tasks.normalize import Normalizer
 
 
+# A run whose training loss is within 0.1% of the least-squares optimum of its training rows has
+# converged; further from it, the run still finishes but says so (more epochs, a larger --lr, or
+# normalized readings would close the gap).
+CONVERGED_GAP = 1e-3
+
+
 def _params(w: float, b: float) -> torch.Tensor:
     return torch.tensor([w, b], dtype=torch.float32)
 
@@ -47,8 +53,17 @@ def evaluate_model(
         "val_rows": int(len(val_idx)),
         "optimum": {"slope": slope, "intercept": intercept, "train_loss": optimum},
         # relative excess of the training loss over the best any line can do on these rows
-        "gap_to_optimum": (achieved - optimum) / optimum if optimum > 0 else achieved - optimum,
+        "gap_to_optimum": (gap := (achieved - optimum) / optimum if optimum > 0 else achieved - optimum),
+        "converged": bool(gap <= CONVERGED_GAP),
     }
+
+
+def not_converged_message(metrics: dict) -> str:
+    return (
+        f"not converged: the training loss {metrics['train_loss']:.6f} is {100 * metrics['gap_to_optimum']:.3g}% above "
+        f"the least-squares optimum {metrics['optimum']['train_loss']:.6f} of the training rows; "
+        "train longer (--epochs), raise --lr, or normalize the readings (--normalize standard)"
+    )
 
 
 def predict_celsius(w: float, b: float, normalizer: Normalizer, readings) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,51 @@ def readings_schema(reading_column: str, celsius_column: str, min_rows: int) -> 
     )
 
 
+def _line_of_byte(path: Path, offset: int) -> int:
+    with open(path, "rb") as handle:
+        return handle.read(offset).count(b"\n") + 1
+
+
+def _first_undecodable(path: Path) -> tuple[int, int]:
+    """(line, byte offset) of the first bytes that are not UTF-8."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return data[: error.start].count(b"\n") + 1, error.start
+    return 1, 0
+
+
+def _first_ragged_line(path: Path) -> tuple[int, int, int] | None:
+    """(line, fields, header fields) of the first line whose field count differs from the header's."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle)
+        header = len(next(rows, []))
+        for number, row in enumerate(rows, start=2):
+            if row and len(row) != header:
+                return number, len(row), header
+    return None
+
+
+def _ragged(path: Path) -> InvalidInput:
+    found = _first_ragged_line(path)
+    if found is None:
+        return InvalidInput(f"{path}: not a readable CSV (rows and header disagree on the number of fields)")
+    line, fields, header = found
+    return InvalidInput(
+        f"{path}: line {line} has {fields} fields but the header has {header}; "
+        "check for a stray comma, or decimal commas (write 0.5, not 0,5)"
+    )
+
+
 def read_csv(path: Path) -> pd.DataFrame:
     """The file as a frame; index i is the data row on line i + 2 (blank lines dropped, index kept)."""
     try:
-        frame = pd.read_csv(path, skip_blank_lines=False, skipinitialspace=True, encoding="utf-8")
+        with warnings.catch_warnings():
+            # pandas otherwise drops a first row's extra field with only a warning, or turns the
+            # first column into the index: either silently changes the data
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, skip_blank_lines=False, skipinitialspace=True, encoding="utf-8-sig", index_col=False)
     except FileNotFoundError:
         raise InvalidInput(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -62,16 +104,18 @@ def read_csv(path: Path) -> pd.DataFrame:
         raise InvalidInput(f"{path}: permission denied") from None
     except pd.errors.EmptyDataError:
         raise InvalidInput(f"{path}: the file is empty; expected a header line and rows of readings") from None
-    except UnicodeDecodeError as error:
-        raise InvalidInput(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8 CSV") from None
-    except pd.errors.ParserError as error:
-        raise InvalidInput(f"{path}: not a readable CSV: {error}") from None
+    except UnicodeDecodeError:
+        line, offset = _first_undecodable(path)
+        raise InvalidInput(f"{path}: line {line} (byte {offset}) is not UTF-8 text; save the file as UTF-8 CSV") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning):
+        raise _ragged(path) from None
     return frame.dropna(how="all")
 
 
 def _describe_failures(path: Path, failures: pd.DataFrame, frame: pd.DataFrame, columns: tuple[str, str], min_rows: int) -> list[str]:
     lines: list[tuple[float, str]] = []
     coerce_failed = set(failures.loc[failures["check"].astype(str).str.startswith("coerce_dtype"), "column"])
+    repeated_headers = set()
     for row in failures.itertuples(index=False):
         check, column, value, index = str(row.check), row.column, row.failure_case, row.index
         if check.startswith("dtype(") and column in coerce_failed:
@@ -87,6 +131,10 @@ def _describe_failures(path: Path, failures: pd.DataFrame, frame: pd.DataFrame, 
             lines.append((-1, f"{len(frame)} row(s) of readings; at least {min_rows} needed (2 to train, 1 to validate when --val-fraction > 0)"))
         elif check == "distinct_readings":
             lines.append((-1, f"every value in column {columns[0]!r} is the same; a calibration needs at least two different readings"))
+        elif check.startswith("coerce_dtype") and value == column:
+            if index not in repeated_headers:
+                repeated_headers.add(index)
+                lines.append((index, f"{where}: the header line appears again"))
         elif check.startswith("coerce_dtype"):
             lines.append((index, f"{where}, column {column!r}: {value!r} is not a number"))
         elif check == "not_nullable":

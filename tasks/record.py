@@ -50,6 +50,7 @@ def _publish(summary: dict, settings: dict) -> None:
             {"metric": "validation loss (MSE)", "value": summary["val_loss"]},
             {"metric": "least-squares optimum (MSE)", "value": opt["train_loss"]},
             {"metric": "gap to optimum (relative)", "value": summary["gap_to_optimum"]},
+            {"metric": "converged", "value": summary["converged"]},
             {"metric": "epochs", "value": summary["epochs_run"]},
         ],
     )
@@ -74,6 +75,7 @@ def record_run(store: str, data: str, data_sha256: str, settings: dict, predict:
         "val_loss": validate["val_loss"],
         "optimum": validate["optimum"],
         "gap_to_optimum": validate["gap_to_optimum"],
+        "converged": validate["converged"],
         "epochs_run": train["epochs_run"],
         "predictions": infer["new"],
         "stages": {name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"]} for name, run in stages.items()},
@@ -94,7 +96,7 @@ def record_run(store: str, data: str, data_sha256: str, settings: dict, predict:
             name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"]}
             for name, run in stages.items()
         },
-        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "epochs_run", "predictions")},
+        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "epochs_run", "predictions")},
     }
     s.write_manifest(run_id, manifest)
     _publish(summary, settings)

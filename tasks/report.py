@@ -50,6 +50,7 @@ def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict
         ("validation loss (MSE)", val),
         ("least-squares optimum on the training rows (MSE)", f"{opt['train_loss']:.6f}"),
         ("gap to the optimum (relative)", f"{summary['gap_to_optimum']:.3e}"),
+        ("converged (gap at most 0.1%)", "yes" if summary["converged"] else "**no**"),
         ("model w, b (on normalized readings)", f"{summary['model']['w']:.6f}, {summary['model']['b']:.6f}"),
         ("epochs", str(summary["epochs_run"])),
     ]

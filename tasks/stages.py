@@ -20,7 +20,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.evaluate import evaluate_model, predictions_table, predict_celsius
+from tasks.evaluate import evaluate_model, not_converged_message, predictions_table, predict_celsius
 from tasks.ingest import CELSIUS, READING, read_csv, validate_readings
 from tasks.normalize import Normalizer, fit_normalizer
 from tasks.report import calibration_markdown, plot_calibration
@@ -177,6 +177,8 @@ def validate_calibration(store: str, key: str, ingest: dict, normalize: dict, sp
     metrics = evaluate_model(
         params["w"], params["b"], Normalizer(**norm["normalizer"]), norm["x"], table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
     )
+    if not metrics["converged"]:
+        get_run_logger().warning(not_converged_message(metrics))
     files = {"validate.joblib": _joblib(metrics), "metrics.json": _json(metrics)}
     return s.write_stage("validate", key, files, metrics)
 
@@ -207,6 +209,7 @@ def report_run(store: str, key: str, train: dict, validate: dict, infer: dict, s
         "val_loss": metrics["val_loss"],
         "optimum": metrics["optimum"],
         "gap_to_optimum": metrics["gap_to_optimum"],
+        "converged": metrics["converged"],
         "epochs_run": trained["epochs_run"],
         "train_rows": metrics["train_rows"],
         "val_rows": metrics["val_rows"],

@@ -174,7 +174,8 @@ class Store:
         if actual != ref["sha256"]:
             raise StoreError(
                 f"{path}: content hash {actual[:12]}… differs from the recorded {ref['sha256'][:12]}…; "
-                "the file was modified or corrupted, so it was not loaded"
+                "the file was modified or corrupted, so it was not loaded; `thermocal run` with the run's "
+                "options recomputes it"
             )
         return joblib.load(path)
 
