@@ -1,6 +1,7 @@
 """The calibration flow: ingest -> normalize -> split -> train -> validate -> infer -> report."""
 
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tasks.store import Store, sha256_file
 class StageRun:
     ref: dict
     cached: bool
+    seconds: float  # wall time of the stage in this run, Prefect's part included
 
 
 def _content(value):
@@ -39,12 +41,13 @@ def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
     # an upstream stage enters the key by its content hash, as DVC keys on file contents
     key_inputs = {name: _content(value) for name, value in keyed.items()}
     key = stage_key(stage_task.name, key_inputs)
+    started = time.perf_counter()
     configured = stage_task.with_options(result_storage=store.records, refresh_cache=not store.stage_intact(stage_task.name, key))
     state = configured(store=str(store.root), key=key, **keyed, **unkeyed, return_state=True)
     if state.is_failed():
         _discard_failure_record(state, store)
     ref = state.result()  # raises the stage's own error when it failed
-    return StageRun(ref, state.name == "Cached")
+    return StageRun(ref, state.name == "Cached", time.perf_counter() - started)
 
 
 def _discard_failure_record(state, store: Store) -> None:
@@ -106,19 +109,22 @@ def calibrate(
         upstream = {"ingest": ingest.ref, "normalize": normalize.ref, "split": split.ref}
         train = _run_stage(
             train_calibration, s,
-            {**upstream, "strategy": settings.strategy, "lr": settings.lr, "epochs": settings.epochs,
+            {**upstream, "strategy": settings.strategy, "lr": settings.learning_rate, "epochs": settings.max_epochs,
              "optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
-             "delta": settings.delta if settings.strategy == "finite-difference" else None},
+             "delta": settings.delta if settings.strategy == "finite-difference" else None,
+             "tol": settings.stopping_tol, "patience": settings.patience, "val_patience": settings.val_patience,
+             "batch_size": settings.batch_size, "seed": settings.seed},
             log_every=settings.log_every,
         )
         validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
         infer = _run_stage(infer_celsius, s, {**upstream, "train": train.ref, "readings": predict})
         report = _run_stage(
             report_run, s,
-            {"train": train.ref, "validate": validate.ref, "infer": infer.ref,
+            {"ingest": ingest.ref, "train": train.ref, "validate": validate.ref, "infer": infer.ref,
              "settings": settings.model_dump(exclude={"log_every"})},
         )
         stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
                   "validate": validate, "infer": infer, "report": report}
-        return record_run(str(s.root), str(data_path), data_sha256, settings.model_dump(), predict,
-                          {name: {"ref": run.ref, "cached": run.cached} for name, run in stages.items()})
+        effective = {"lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
+        return record_run(str(s.root), str(data_path), data_sha256, settings.model_dump(), effective, predict,
+                          {name: {"ref": run.ref, "cached": run.cached, "seconds": run.seconds} for name, run in stages.items()})

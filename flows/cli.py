@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tasks.errors import InvalidInput, ThermocalError
-from tasks.settings import NORMALIZATIONS, STRATEGIES, CalibrationSettings
+from tasks.settings import AUTO_TOL, MAX_EPOCHS, NORMALIZATIONS, STRATEGIES, CalibrationSettings
 
 DEFAULTS = CalibrationSettings()
 
@@ -42,8 +42,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split (default: %(default)s)")
     parser.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy, help="how the gradient is computed (default: %(default)s)")
     parser.add_argument("--optimizer", default=DEFAULTS.optimizer, help="torch.optim optimizer for --strategy optimizer, any case (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=DEFAULTS.lr, help="learning rate (default: %(default)s)")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS.epochs, help="training epochs (default: %(default)s)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: 0.5 with --normalize standard, 0.01 with scale, 1e-4 with none)")
+    parser.add_argument("--epochs", type=int, help=f"train exactly this many epochs (default: until the loss settles, at most {MAX_EPOCHS})")
+    parser.add_argument("--tol", type=float, help=f"stop once the training loss stays within this relative band for --patience epochs; 0: never (default: {AUTO_TOL:g} without --epochs, 0 with it)")
+    parser.add_argument("--patience", type=int, default=DEFAULTS.patience, help="epochs of --tol (default: %(default)s)")
+    parser.add_argument("--val-patience", type=int, default=DEFAULTS.val_patience, help="stop when the validation loss has not improved for N epochs, keeping its best parameters; 0: never (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, help="rows per mini-batch step (default: the whole training set)")
     parser.add_argument("--delta", type=float, default=DEFAULTS.delta, help="step of --strategy finite-difference (default: %(default)s)")
     parser.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="log epochs 1-3, then every N (default: %(default)s)")
     parser.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
@@ -115,8 +119,10 @@ def _print_run(summary: dict) -> None:
     cal = summary["calibration"]
     print(f"calibration: °C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}")
     val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
-    print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}), "
-          f"validation loss {val}, {summary['epochs_run']} epochs")
+    print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}, "
+          f"gap {summary['gap_to_optimum']:.2e}), validation loss {val}")
+    stop = {"epochs": "all epochs", "tol": "the loss settled", "validation": "validation stopped improving"}[summary["stopped_by"]]
+    print(f"{summary['epochs_run']} epochs ({stop}) in {summary['train_seconds'] * 1000:.1f} ms of training")
     if not summary["converged"]:
         from tasks.evaluate import not_converged_message
 
@@ -125,7 +131,7 @@ def _print_run(summary: dict) -> None:
         print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
     print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
     for name, stage in summary["stages"].items():
-        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['path']}")
+        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
     print(f"plot: {summary['report']}")
 
 
@@ -210,7 +216,7 @@ def _runs(args: argparse.Namespace) -> int:
 
     rows = []
     for m in Store(args.store).manifests():
-        p, r = m["parameters"], m["results"]
+        p, r = {**m["parameters"], **m.get("effective", {})}, m["results"]
         rows.append({
             "run_id": m["run_id"], "created": m["created"], "strategy": p["strategy"], "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
             "normalize": p["normalize"], "lr": p["lr"], "epochs": p["epochs"], "val_fraction": p["val_fraction"],

@@ -76,8 +76,10 @@ def predict_celsius(w: float, b: float, normalizer: Normalizer, readings) -> np.
 def predictions_table(
     w: float, b: float, normalizer: Normalizer, raw_x: np.ndarray, y: np.ndarray, val_idx: np.ndarray
 ) -> pd.DataFrame:
-    """Every reading with its fitted °C, residual (fitted - true) and subset (train or validation)."""
-    fitted = predict_celsius(w, b, normalizer, raw_x)
-    subset = np.full(len(raw_x), "train", dtype=object)
-    subset[val_idx] = "validation"
-    return pd.DataFrame({"reading": raw_x, "celsius": y, "fitted": fitted, "residual": fitted - y, "subset": subset})
+    """Every reading's fitted °C, residual (fitted - true) and subset (train or validation), row for
+    row with the ingested table (which holds the readings themselves: not copied here)."""
+    fitted = predict_celsius(w, b, normalizer, raw_x).astype(np.float32)  # the model computes in float32
+    codes = np.zeros(len(raw_x), dtype=np.int8)
+    codes[val_idx] = 1
+    subset = pd.Categorical.from_codes(codes, categories=["train", "validation"])
+    return pd.DataFrame({"fitted": fitted, "residual": fitted - y.astype(np.float32), "subset": subset})

@@ -60,7 +60,9 @@ def _publish(summary: dict, settings: dict) -> None:
 
 
 @task(name="record-run", task_run_name="record-run")
-def record_run(store: str, data: str, data_sha256: str, settings: dict, predict: list[float], stages: dict[str, dict]) -> dict:
+def record_run(
+    store: str, data: str, data_sha256: str, settings: dict, effective: dict, predict: list[float], stages: dict[str, dict]
+) -> dict:
     """Write the run's manifest, publish its artifacts, return its summary."""
     s = Store(store)
     now = datetime.now(timezone.utc)
@@ -77,8 +79,13 @@ def record_run(store: str, data: str, data_sha256: str, settings: dict, predict:
         "gap_to_optimum": validate["gap_to_optimum"],
         "converged": validate["converged"],
         "epochs_run": train["epochs_run"],
+        "stopped_by": train["stopped_by"],
+        "train_seconds": train["train_seconds"],
         "predictions": infer["new"],
-        "stages": {name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"]} for name, run in stages.items()},
+        "stages": {
+            name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"], "seconds": run["seconds"]}
+            for name, run in stages.items()
+        },
         "report": str(s.path(stages["report"]["ref"]["files"]["report.png"])),
     }
     manifest = {
@@ -87,17 +94,18 @@ def record_run(store: str, data: str, data_sha256: str, settings: dict, predict:
         "flow_run_id": flow_run.id,
         "data": {"path": data, "sha256": data_sha256},
         "parameters": {**settings, "predict": predict},
+        "effective": effective,  # what the defaults of lr, epochs and tol resolved to
         "code": {
             "revision": _code_revision(),
             "sha256": code_version(tuple(sorted({m for mods in CODE_MODULES.values() for m in mods}))),
         },
         "libraries": {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}},
         "stages": {
-            name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"]}
+            name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"], "seconds": run["seconds"]}
             for name, run in stages.items()
         },
-        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "epochs_run", "predictions")},
+        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "epochs_run", "stopped_by", "train_seconds", "predictions")},
     }
     s.write_manifest(run_id, manifest)
-    _publish(summary, settings)
+    _publish(summary, {**settings, **{f"{k} (used)": v for k, v in effective.items()}})
     return summary

@@ -8,19 +8,28 @@ import numpy as np
 import pandas as pd
 
 
+PLOT_POINTS = 2000  # a scatter of millions of points takes minutes and shows nothing more
+
+
 def plot_calibration(path: Path, table: pd.DataFrame, slope: float, intercept: float, train_loss: np.ndarray, val_loss: np.ndarray | None) -> None:
-    """Readings as points with the fitted line (raw units), and the loss curves, as one PNG."""
+    """Readings as points with the fitted line (raw units), and the loss curves, as one PNG.
+
+    `table` has columns reading, celsius and subset; past PLOT_POINTS rows a seeded sample is drawn.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    full_range = table["reading"].min(), table["reading"].max()
+    if len(table) > PLOT_POINTS:
+        table = table.sample(PLOT_POINTS, random_state=0)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     for subset, marker in (("train", "o"), ("validation", "s")):
         rows = table[table["subset"] == subset]
         if len(rows):
             left.plot(rows["reading"], rows["celsius"], marker, label=f"{subset} readings")
-    xs = np.linspace(table["reading"].min(), table["reading"].max(), 100)
+    xs = np.linspace(*full_range, 100)
     left.plot(xs, slope * xs + intercept, "-", label=f"°C = {slope:.4f} × reading {intercept:+.4f}")
     left.set_xlabel("Reading (instrument units)")
     left.set_ylabel("Temperature (°Celsius)")

@@ -19,6 +19,13 @@ STRATEGIES: tuple[str, ...] = Strategy.__args__
 NORMALIZATIONS: tuple[str, ...] = Normalization.__args__
 
 
+# With z-scored readings the Hessian of the MSE is about 2·I, so lr 0.5 is nearly a Newton step;
+# the seed's x0.1 readings need its 1e-2; raw readings diverge above about 2e-4.
+AUTO_LR = {"standard": 0.5, "scale": 1e-2, "none": 1e-4}
+AUTO_TOL = 1e-6  # a converged float32 loss jitters by about 1e-7 (finite differences): stop above that
+MAX_EPOCHS = 5000
+
+
 class CalibrationSettings(BaseModel):
     """Every option of a calibration run; each stage keys its cache on the fields it reads."""
 
@@ -37,16 +44,23 @@ class CalibrationSettings(BaseModel):
     # train: the seed's hand-derived gradient, learning rate and epoch count
     strategy: Strategy = Field("analytic", description="how the gradient is computed")
     optimizer: OptimizerName = Field("sgd", description="torch.optim optimizer, used by strategy=optimizer")
-    lr: float = Field(1e-2, gt=0.0, description="learning rate")
-    epochs: int = Field(5000, gt=0, description="training epochs")
+    lr: float | None = Field(None, gt=0.0, description="learning rate; empty: 0.5 with standard, 0.01 with scale, 1e-4 with none")
+    epochs: int | None = Field(None, gt=0, description=f"epochs to train; empty: until the loss settles (tol), at most {MAX_EPOCHS}")
+    tol: float | None = Field(
+        None, ge=0.0, description="stop when the training loss stays within this relative band for `patience` epochs; "
+        f"0: never; empty: {AUTO_TOL:g} without epochs, 0 with them",
+    )
+    patience: int = Field(10, gt=0, description="epochs the loss must stay within tol")
+    val_patience: int = Field(0, ge=0, description="stop when the validation loss has not improved for N epochs, keeping its best; 0: never")
+    batch_size: int | None = Field(None, gt=0, description="rows per mini-batch step; empty: full batch")
     # the loss is quadratic in (w, b), so central differences are exact for any delta
     delta: float = Field(0.1, gt=0.0, description="finite-difference step")
     log_every: int = Field(500, gt=0, description="log epochs 1-3, then every N")
 
-    @field_validator("scale", "lr", "delta")
+    @field_validator("scale", "lr", "delta", "tol")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
@@ -56,6 +70,22 @@ class CalibrationSettings(BaseModel):
         if value == 0:
             raise ValueError("must not be 0 (it would erase every reading)")
         return value
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate to use: --lr, or the one suited to the normalization."""
+        return self.lr if self.lr is not None else AUTO_LR[self.normalize]
+
+    @property
+    def max_epochs(self) -> int:
+        return self.epochs if self.epochs is not None else MAX_EPOCHS
+
+    @property
+    def stopping_tol(self) -> float:
+        """--tol; by default on when epochs are not given, off (the seed's fixed epochs) when they are."""
+        if self.tol is not None:
+            return self.tol
+        return AUTO_TOL if self.epochs is None else 0.0
 
     @model_validator(mode="after")
     def _columns_differ(self) -> CalibrationSettings:

@@ -21,12 +21,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.evaluate import evaluate_model, not_converged_message, predictions_table, predict_celsius
-from tasks.ingest import CELSIUS, READING, read_csv, validate_readings
+from tasks.ingest import CELSIUS, READING, load_readings
 from tasks.normalize import Normalizer, fit_normalizer
 from tasks.report import calibration_markdown, plot_calibration
 from tasks.split import split_indices
 from tasks.store import Store, sha256_json, write_json
-from tasks.train import train_model
+from tasks.train import Stopping, train_model
 
 # the modules whose source decides each stage's output; editing one invalidates that stage's cache
 CODE_MODULES: dict[str, tuple[str, ...]] = {}
@@ -54,6 +54,9 @@ def _stage(name: str, modules: tuple[str, ...]):
 
 
 PROGRESS_KEY = "thermocal-training-progress"
+# Tables up to this many rows also get a CSV (or JSON) copy for people; larger ones only the
+# joblib file, since writing 10 million rows as text takes longer than the whole pipeline.
+READABLE_ROWS = 100_000
 
 
 class TrainingProgress:
@@ -102,9 +105,11 @@ def _json(value):
 @_stage("ingest", ("tasks.ingest", "tasks.split", "tasks.errors"))
 def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str) -> dict:
     """Read the CSV and validate it against the readings schema."""
-    table = validate_readings(read_csv(Path(data)), Path(data), reading_column, celsius_column, min_rows)
+    table = load_readings(Path(data), reading_column, celsius_column, min_rows)
     get_run_logger().info("ingested %d valid readings from %s", len(table), data)
-    files = {"ingest.joblib": _joblib(table), "readings.csv": _csv(table)}
+    files = {"ingest.joblib": _joblib(table)}
+    if len(table) <= READABLE_ROWS:
+        files["readings.csv"] = _csv(table)
     return Store(store).write_stage("ingest", key, files, {"rows": len(table), "data_sha256": data_sha256})
 
 
@@ -121,10 +126,13 @@ def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: f
 @_stage("split", ("tasks.split",))
 def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed: int) -> dict:
     """Seeded train/validation indices."""
-    train_idx, val_idx = split_indices(ingest["summary"]["rows"], val_fraction, seed)
-    output = {"train": train_idx, "validation": val_idx, "val_fraction": val_fraction, "seed": seed}
-    readable = {"train": train_idx.tolist(), "validation": val_idx.tolist(), "val_fraction": val_fraction, "seed": seed}
-    files = {"split.joblib": _joblib(output), "split.json": _json(readable)}
+    rows = ingest["summary"]["rows"]
+    train_idx, val_idx = split_indices(rows, val_fraction, seed)
+    index = np.int32 if rows < 2**31 else np.int64  # half the size of torch's int64 indices
+    output = {"train": train_idx.astype(index), "validation": val_idx.astype(index), "val_fraction": val_fraction, "seed": seed}
+    files = {"split.joblib": _joblib(output)}
+    if rows <= READABLE_ROWS:
+        files["split.json"] = _json({**output, "train": train_idx.tolist(), "validation": val_idx.tolist()})
     return Store(store).write_stage("split", key, files, {"train_rows": len(train_idx), "val_rows": len(val_idx)})
 
 
@@ -136,35 +144,44 @@ def _inputs(store: Store, ingest: dict, normalize: dict, split: dict):
 @_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.errors"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict,
-    strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None, log_every: int,
+    strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
+    tol: float, patience: int, val_patience: int, batch_size: int | None, seed: int, log_every: int,
 ) -> dict:
     """Gradient descent on the training rows, validation loss every epoch."""
     s = Store(store)
     table, norm, idx = _inputs(s, ingest, normalize, split)
     x = torch.from_numpy(norm["x"])
     y = torch.from_numpy(table[CELSIUS].to_numpy(np.float32))
-    train_idx, val_idx = torch.from_numpy(idx["train"]), torch.from_numpy(idx["validation"])
+    train_idx, val_idx = torch.from_numpy(idx["train"]).long(), torch.from_numpy(idx["validation"]).long()
+    x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    del table, norm, idx, x, y  # only the training and validation rows stay in memory
     progress = TrainingProgress(epochs)
+    started = time.perf_counter()
     result = train_model(
-        x[train_idx], y[train_idx], x[val_idx], y[val_idx],
+        x_train, y_train, x_val, y_val,
         strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
+        stopping=Stopping(tol=tol, patience=patience, val_patience=val_patience), batch_size=batch_size, seed=seed,
         log_every=log_every, log=get_run_logger().info, progress=progress,
     )
+    seconds = time.perf_counter() - started
     progress.finish()
-    slope, intercept = Normalizer(**norm["normalizer"]).raw_calibration(result.w, result.b)
-    settings = {"strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta}
+    slope, intercept = Normalizer(**s.load(normalize)["normalizer"]).raw_calibration(result.w, result.b)
+    settings = {"strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta, "tol": tol,
+                "patience": patience, "val_patience": val_patience, "batch_size": batch_size, "seed": seed}
     output = {
         "params": {"w": result.w, "b": result.b},
         "calibration": {"slope": slope, "intercept": intercept},
         "settings": settings,
         "history": {"train_loss": result.train_loss, "val_loss": result.val_loss},
         "epochs_run": result.epochs_run,
-    }
+        "stopped_by": result.stopped_by,
+    }  # data only: no timings, so the same inputs give byte-identical files
     history = pd.DataFrame({"epoch": np.arange(1, result.epochs_run + 1), "train_loss": result.train_loss})
     if result.val_loss is not None:
         history["val_loss"] = result.val_loss
     files = {"train.joblib": _joblib(output), "loss_history.csv": _csv(history)}
-    summary = {"w": result.w, "b": result.b, "slope": slope, "intercept": intercept, "epochs_run": result.epochs_run}
+    summary = {"w": result.w, "b": result.b, "slope": slope, "intercept": intercept, "epochs_run": result.epochs_run,
+               "stopped_by": result.stopped_by, "train_seconds": seconds}
     return s.write_stage("train", key, files, summary)
 
 
@@ -193,15 +210,18 @@ def infer_celsius(store: str, key: str, ingest: dict, normalize: dict, split: di
     dataset = predictions_table(params["w"], params["b"], normalizer, table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["validation"])
     new = pd.DataFrame({"reading": np.asarray(readings, dtype=np.float64)})
     new["celsius"] = predict_celsius(params["w"], params["b"], normalizer, new["reading"].to_numpy())
-    files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "predictions.csv": _csv(dataset), "new_predictions.csv": _csv(new)}
+    files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "new_predictions.csv": _csv(new)}
+    if len(dataset) <= READABLE_ROWS:
+        files["predictions.csv"] = _csv(pd.concat([table, dataset], axis=1))
     return s.write_stage("infer", key, files, {"new": new.to_dict(orient="records")})
 
 
 @_stage("report", ("tasks.report",))
-def report_run(store: str, key: str, train: dict, validate: dict, infer: dict, settings: dict) -> dict:
+def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, infer: dict, settings: dict) -> dict:
     """The seed's plot and a markdown summary."""
     s = Store(store)
     trained, metrics, predictions = s.load(train), s.load(validate), s.load(infer)
+    points = pd.concat([s.load(ingest), predictions["dataset"]["subset"]], axis=1)
     summary = {
         "model": trained["params"],
         "calibration": trained["calibration"],
@@ -219,7 +239,7 @@ def report_run(store: str, key: str, train: dict, validate: dict, infer: dict, s
     files = {
         "report.joblib": _joblib(summary),
         "report.png": lambda path: plot_calibration(
-            path, predictions["dataset"], trained["calibration"]["slope"], trained["calibration"]["intercept"],
+            path, points, trained["calibration"]["slope"], trained["calibration"]["intercept"],
             history["train_loss"], history["val_loss"],
         ),
         "report.md": lambda path: path.write_text(calibration_markdown(summary, settings, "report.png")),

@@ -24,6 +24,8 @@ class TrainResult:
     train_loss: np.ndarray  # shape (epochs_run,), loss before each epoch's update, as the seed prints it
     val_loss: np.ndarray | None  # same shape, or None without a validation set
     epochs_run: int
+    stopped_by: str = "epochs"  # "epochs", "tol" (training loss stopped improving) or "validation"
+    best_epoch: int = 0  # the epoch whose parameters were kept
     log_lines: list[str] = field(default_factory=list)
 
 
@@ -52,6 +54,32 @@ def _diverged(epoch: int, loss: float, first: float, strategy: str, lr: float) -
     )
 
 
+@dataclass(frozen=True)
+class Stopping:
+    """When training may end before its last epoch."""
+
+    # stop once the training loss has stayed within a band of relative width tol for `patience`
+    # epochs: a loss still falling by more than tol/patience per epoch goes on, so does one that
+    # oscillates (Adam on raw readings), and a converged loss stops whatever its float32 jitter
+    tol: float = 0.0  # 0: never
+    patience: int = 10
+    # stop once the validation loss has not reached a new minimum for this many epochs, and keep
+    # the parameters of that minimum
+    val_patience: int = 0  # 0: never
+
+
+def _epoch(stepper, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, generator: torch.Generator) -> torch.Tensor:
+    """One pass over the training rows: one full-batch step, or one step per shuffled mini-batch."""
+    if batch_size is None or batch_size >= len(x):
+        return stepper.step(x, y)
+    order = torch.randperm(len(x), generator=generator)
+    total = torch.zeros((), dtype=y.dtype)
+    for start in range(0, len(x), batch_size):
+        rows = order[start : start + batch_size]
+        total += stepper.step(x[rows], y[rows]) * len(rows)
+    return total / len(x)  # mean of the batch losses, weighted by batch size
+
+
 def train_model(
     x_train: torch.Tensor,
     y_train: torch.Tensor,
@@ -63,30 +91,47 @@ def train_model(
     epochs: int,
     delta: float = 0.1,
     optimizer: str = "sgd",
+    stopping: Stopping = Stopping(),
+    batch_size: int | None = None,
+    seed: int = 0,
     log_every: int = 500,
     log: Callable[[str], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train [w, b] from the seed's start; raise TrainingDiverged when the loss turns inf or NaN.
 
-    `log` gets the seed's progress lines; `progress(epoch)` is called after every epoch and must
-    stay cheap (it must not read a loss back).
+    `seed` seeds this training's own generator (mini-batch order), so parallel trainings do not
+    share torch's global one. `log` gets the seed's progress lines; `progress(epoch)` is called
+    after every epoch and must stay cheap (it must not read a loss back).
     """
     stepper = make_stepper(strategy, torch.tensor(INITIAL_PARAMS), lr=lr, delta=delta, optimizer=optimizer)
+    generator = torch.Generator().manual_seed(seed)
     has_val = x_val is not None and x_val.numel() > 0
     train_hist = torch.empty(epochs)
     val_hist = torch.empty(epochs) if has_val else None
+    best_val, best_epoch, best_params = float("inf"), 0, None
     checked = 0  # losses before this index have been checked for inf/NaN
     log_lines: list[str] = []
+    stopped_by = "epochs"
     for epoch in range(1, epochs + 1):
         if has_val:
             with torch.no_grad():  # validation never builds a graph
                 val_hist[epoch - 1] = loss_fn(model(x_val, *stepper.params), y_val)
-        train_hist[epoch - 1] = stepper.step(x_train, y_train)
+            if stopping.val_patience:
+                if float(val_hist[epoch - 1]) < best_val:
+                    best_val, best_epoch, best_params = float(val_hist[epoch - 1]), epoch, stepper.params.detach().clone()
+                elif epoch - best_epoch >= stopping.val_patience:
+                    stopped_by = "validation"
+        train_hist[epoch - 1] = _epoch(stepper, x_train, y_train, batch_size, generator)
         if progress is not None:
             progress(epoch)
+        if stopping.tol and epoch > stopping.patience:
+            low, high = torch.aminmax(train_hist[epoch - 1 - stopping.patience : epoch])
+            if float(high - low) <= stopping.tol * abs(float(low)):
+                stopped_by = "tol"
+        last = epoch == epochs or stopped_by != "epochs"
         # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
-        if epoch <= 3 or epoch % log_every == 0 or epoch == epochs:
+        if epoch <= 3 or epoch % log_every == 0 or last:
             first = float(train_hist[0])
             bad = _first_bad_epoch(train_hist[checked:epoch], checked, BLOW_UP * max(first, 1e-12))
             if bad is not None or not torch.isfinite(stepper.params).all():
@@ -97,12 +142,17 @@ def train_model(
             log_lines.append(line)
             if log is not None:
                 log(line)
-    w, b = (float(v) for v in stepper.params.detach())
+        if last:
+            break
+    params = best_params if stopped_by == "validation" else stepper.params.detach()
+    w, b = (float(v) for v in params)
     return TrainResult(
         w=w,
         b=b,
-        train_loss=train_hist.numpy(),
-        val_loss=val_hist.numpy() if has_val else None,
-        epochs_run=epochs,
+        train_loss=train_hist[:epoch].numpy(),
+        val_loss=val_hist[:epoch].numpy() if has_val else None,
+        epochs_run=epoch,
+        stopped_by=stopped_by,
+        best_epoch=best_epoch if stopped_by == "validation" else epoch,
         log_lines=log_lines,
     )

@@ -7,11 +7,12 @@ import pytest
 
 from tasks.errors import InvalidInput
 from tasks.ingest import load_readings
+from tasks.split import rows_needed
 from tests.conftest import SHIPPED_DATA
 
 
 def _load(path: Path, val_fraction: float = 0.2, reading="reading", celsius="celsius"):
-    return load_readings(path, reading, celsius, val_fraction)
+    return load_readings(path, reading, celsius, rows_needed(val_fraction))
 
 
 def _write(tmp_path: Path, text: str | bytes) -> Path:
