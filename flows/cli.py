@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_store(predict)
     predict.add_argument("--json", action="store_true", help="print a JSON list")
 
+    synth = commands.add_parser("synth", help="write realistic synthetic readings (a hidden calibration plus noise)")
+    synth.add_argument("--rows", type=int, required=True, help="rows of readings to write")
+    synth.add_argument("--out", required=True, help="CSV file to write")
+    synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    synth.add_argument("--json", action="store_true", help="print what was written as JSON")
+
     runs = commands.add_parser("runs", help="list the persisted runs")
     _add_store(runs)
     runs.add_argument("--json", action="store_true", help="print a JSON list")
@@ -190,6 +196,23 @@ def _server(args: argparse.Namespace) -> int:
     return serving.server_stop()
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from tasks.synth import write_synthetic
+
+    if args.rows < 1:
+        raise InvalidInput(f"--rows must be at least 1 (got {args.rows})")
+    if Path(args.out).is_dir():
+        raise InvalidInput(f"{args.out}: is a directory; --out names the CSV file to write")
+    written = write_synthetic(Path(args.out), args.rows, args.seed)
+    if args.json:
+        print(json.dumps(written))
+    else:
+        hidden = written["hidden_calibration"]
+        print(f"wrote {written['rows']} readings to {written['path']} ({written['dropouts_kept_out']} sensor dropouts kept out); "
+              f"hidden calibration °C = {hidden['slope']} × reading {hidden['intercept']:+}, noise {written['noise_celsius']} °C")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from tasks.evaluate import predict_celsius
     from tasks.normalize import Normalizer
@@ -240,7 +263,7 @@ def _runs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
     args = _parser().parse_args(argv)
-    command = {"run": _run, "serve": _serve, "server": _server, "predict": _predict, "runs": _runs}[args.command]
+    command = {"run": _run, "serve": _serve, "server": _server, "synth": _synth, "predict": _predict, "runs": _runs}[args.command]
     try:
         return command(args)
     except ThermocalError as error:
