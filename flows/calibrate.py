@@ -36,18 +36,30 @@ def _content(value):
     return value["sha256"] if isinstance(value, dict) and "sha256" in value else value
 
 
-def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
-    """Run one stage through Prefect's cache; a stage whose files are gone or altered is recomputed."""
-    # an upstream stage enters the key by its content hash, as DVC keys on file contents
-    key_inputs = {name: _content(value) for name, value in keyed.items()}
-    key = stage_key(stage_task.name, key_inputs)
-    started = time.perf_counter()
+def stage_call(stage_task, store: Store, keyed: dict, **unkeyed):
+    """The stage task configured for this store, and its arguments with the cache key.
+
+    `keyed` inputs decide the output (an upstream stage enters the key by its content hash, as
+    DVC keys on file contents); `unkeyed` ones do not (paths, logging). A stage whose files are
+    gone or altered is recomputed (refresh_cache) rather than trusted.
+    """
+    key = stage_key(stage_task.name, {name: _content(value) for name, value in keyed.items()})
     configured = stage_task.with_options(result_storage=store.records, refresh_cache=not store.stage_intact(stage_task.name, key))
-    state = configured(store=str(store.root), key=key, **keyed, **unkeyed, return_state=True)
+    return configured, {"store": str(store.root), "key": key, **keyed, **unkeyed}
+
+
+def stage_result(state, store: Store, started: float) -> StageRun:
+    """The stage's ref from its final state; raises the stage's own error when it failed."""
     if state.is_failed():
         _discard_failure_record(state, store)
-    ref = state.result()  # raises the stage's own error when it failed
-    return StageRun(ref, state.name == "Cached", time.perf_counter() - started)
+    return StageRun(state.result(), state.name == "Cached", time.perf_counter() - started)
+
+
+def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
+    """Run one stage through Prefect's cache, in this thread."""
+    started = time.perf_counter()
+    configured, arguments = stage_call(stage_task, store, keyed, **unkeyed)
+    return stage_result(configured(**arguments, return_state=True), store, started)
 
 
 def _discard_failure_record(state, store: Store) -> None:
@@ -71,7 +83,7 @@ def _tag_flow_run(extra: list[str]) -> None:
         client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(extra)))
 
 
-def _data_sha256(path: Path) -> str:
+def data_file_sha256(path: Path) -> str:
     try:
         return sha256_file(path)
     except FileNotFoundError:
@@ -80,6 +92,30 @@ def _data_sha256(path: Path) -> str:
         raise InvalidInput(f"{path}: is a directory, not a CSV file") from None
     except PermissionError:
         raise InvalidInput(f"{path}: permission denied") from None
+
+
+def ingest_inputs(settings: CalibrationSettings, data_sha256: str) -> dict:
+    return {"data_sha256": data_sha256, "reading_column": settings.reading_column,
+            "celsius_column": settings.celsius_column, "min_rows": rows_needed(settings.val_fraction)}
+
+
+def normalize_inputs(settings: CalibrationSettings, ingest: dict) -> dict:
+    return {"ingest": ingest, "method": settings.normalize, "scale": settings.scale if settings.normalize == "scale" else None}
+
+
+def split_inputs(settings: CalibrationSettings, ingest: dict) -> dict:
+    return {"ingest": ingest, "val_fraction": settings.val_fraction, "seed": settings.seed}
+
+
+def train_inputs(settings: CalibrationSettings, upstream: dict) -> dict:
+    """What decides a training: the data's stages and the training settings that apply."""
+    return {
+        **upstream, "strategy": settings.strategy, "lr": settings.learning_rate, "epochs": settings.max_epochs,
+        "optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
+        "delta": settings.delta if settings.strategy == "finite-difference" else None,
+        "tol": settings.stopping_tol, "patience": settings.patience, "val_patience": settings.val_patience,
+        "batch_size": settings.batch_size, "seed": settings.seed,
+    }
 
 
 @flow(name="thermocal-calibrate", persist_result=False)
@@ -93,29 +129,12 @@ def calibrate(
     s, data_path, predict = Store(store), Path(data).resolve(), list(predict or [])
     _tag_flow_run(run_tags(settings))
     with s.tidy_on_failure(), tags(*run_tags(settings)):
-        data_sha256 = _data_sha256(data_path)
-        ingest = _run_stage(
-            ingest_readings, s,
-            {"data_sha256": data_sha256, "reading_column": settings.reading_column,
-             "celsius_column": settings.celsius_column, "min_rows": rows_needed(settings.val_fraction)},
-            data=str(data_path),
-        )
-        normalize = _run_stage(
-            normalize_readings, s,
-            {"ingest": ingest.ref, "method": settings.normalize,
-             "scale": settings.scale if settings.normalize == "scale" else None},
-        )
-        split = _run_stage(split_readings, s, {"ingest": ingest.ref, "val_fraction": settings.val_fraction, "seed": settings.seed})
+        data_sha256 = data_file_sha256(data_path)
+        ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
+        normalize = _run_stage(normalize_readings, s, normalize_inputs(settings, ingest.ref))
+        split = _run_stage(split_readings, s, split_inputs(settings, ingest.ref))
         upstream = {"ingest": ingest.ref, "normalize": normalize.ref, "split": split.ref}
-        train = _run_stage(
-            train_calibration, s,
-            {**upstream, "strategy": settings.strategy, "lr": settings.learning_rate, "epochs": settings.max_epochs,
-             "optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
-             "delta": settings.delta if settings.strategy == "finite-difference" else None,
-             "tol": settings.stopping_tol, "patience": settings.patience, "val_patience": settings.val_patience,
-             "batch_size": settings.batch_size, "seed": settings.seed},
-            log_every=settings.log_every,
-        )
+        train = _run_stage(train_calibration, s, train_inputs(settings, upstream), log_every=settings.log_every)
         validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
         infer = _run_stage(infer_celsius, s, {**upstream, "train": train.ref, "readings": predict})
         report = _run_stage(

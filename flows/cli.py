@@ -68,6 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", default="scheduled", help="deployment name (default: %(default)s)")
     _add_run_options(serve)
 
+    sweep = commands.add_parser("sweep", help="train a grid of strategies, learning rates and normalizations in one flow")
+    sweep.add_argument("--strategies", default="analytic", help="comma-separated, e.g. analytic,autograd (default: %(default)s)")
+    sweep.add_argument("--lrs", default="0.01", help="comma-separated learning rates, e.g. 1e-2,1e-3 (default: %(default)s)")
+    sweep.add_argument("--normalizations", default="standard", help="comma-separated, e.g. scale,standard (default: %(default)s)")
+    runner = sweep.add_mutually_exclusive_group()
+    runner.add_argument("--sequential", action="store_true", help="one training at a time")
+    runner.add_argument("--dask", action="store_true", help="run trainings on a local Dask cluster (prefect-dask)")
+    runner.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run trainings on an existing Dask cluster")
+    sweep.add_argument("--workers", type=int, help="threads, or Dask workers with --dask (default: 2 Dask workers, or one thread per training up to 4)")
+    _add_run_options(sweep)
+    sweep.add_argument("--json", action="store_true", help="print the comparison rows as JSON")
+
     server = commands.add_parser("server", help="a local Prefect server and UI on 127.0.0.1")
     server.add_argument("action", choices=("start", "status", "stop"))
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default: %(default)s)")
@@ -186,6 +198,75 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_list(text: str, name: str) -> list[str]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise InvalidInput(f"--{name} needs at least one value")
+    return items
+
+
+def _task_runner(args: argparse.Namespace, trainings: int):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    if args.workers is not None and args.workers < 1:
+        raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
+    if args.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=args.dask_address)
+    if args.dask:
+        from prefect_dask import DaskTaskRunner
+
+        # one thread per worker process: trainings run side by side, each on its own core
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": args.workers or 2, "threads_per_worker": 1, "dashboard_address": None})
+    if args.sequential:
+        return ThreadPoolTaskRunner(max_workers=1)
+    return ThreadPoolTaskRunner(max_workers=args.workers or min(4, trainings))
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from flows.sweep import sweep_grid
+    from tasks.settings import describe_validation_error
+
+    settings = _settings(args)
+    _check_data_file(args.data)
+    try:
+        lrs = [float(v) for v in _split_list(args.lrs, "lrs")]
+    except ValueError:
+        raise InvalidInput(f"--lrs must be comma-separated numbers (got {args.lrs!r})") from None
+    strategies, normalizations = _split_list(args.strategies, "strategies"), _split_list(args.normalizations, "normalizations")
+    try:
+        grid = sweep_grid(settings, strategies, lrs, normalizations)
+    except ValidationError as error:
+        raise InvalidInput(describe_validation_error(error)) from None
+    _prepare_prefect()
+    from flows.serving import start_ephemeral_server
+    from flows.sweep import sweep
+
+    _quiet_user_errors()
+    start_ephemeral_server()
+    runner = _task_runner(args, len(grid))
+    result = sweep.with_options(task_runner=runner)(
+        data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations
+    )
+    if args.json:
+        print(json.dumps(result["rows"], indent=2))
+        return 0
+    print(f"{'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}")
+    for row in result["rows"]:
+        head = f"{row['strategy']:<17} {row['normalization']:<9} {row['lr']:>8g}"
+        if row["status"] != "ok":
+            print(f"{head}  failed: {row['error'].split(':')[0]}")
+            continue
+        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
+        print(f"{head} {row['train_loss']:>11.6f} {val:>10} {row['gap_to_optimum']:>9.1e} {row['epochs']:>6} {row['seconds'] * 1000:>8.1f}")
+    print(f"sweep {result['sweep_id']}: {result['files']['comparison.csv']} and a plot beside it")
+    return 0
+
+
 def _server(args: argparse.Namespace) -> int:
     from flows import serving
 
@@ -263,7 +344,7 @@ def _runs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
     args = _parser().parse_args(argv)
-    command = {"run": _run, "serve": _serve, "server": _server, "synth": _synth, "predict": _predict, "runs": _runs}[args.command]
+    command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth, "predict": _predict, "runs": _runs}[args.command]
     try:
         return command(args)
     except ThermocalError as error:

@@ -128,4 +128,7 @@ def start_ephemeral_server() -> None:
     fresh = not (home / "prefect.db").exists()
     with open(home / ".thermocal-server-start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX if fresh else fcntl.LOCK_SH)
-        SubprocessASGIServer().start()
+        server = SubprocessASGIServer()
+        server.start()
+    # processes this run starts (Dask workers) report to this server instead of starting their own
+    os.environ["PREFECT_API_URL"] = server.api_url

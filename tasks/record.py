@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from tasks.report import calibration_markdown
 from tasks.stages import CODE_MODULES, code_version
-from tasks.store import Store
+from tasks.store import Store, atomic_write
 
 LIBRARIES = ("torch", "prefect", "pandera", "pandas", "numpy", "joblib", "pydantic", "matplotlib")
 # artifact keys: lowercase letters, digits and dashes, the same in every run so the UI tracks them
@@ -109,3 +109,53 @@ def record_run(
     s.write_manifest(run_id, manifest)
     _publish(summary, {**settings, **{f"{k} (used)": v for k, v in effective.items()}})
     return summary
+
+
+SWEEP_KEY = "thermocal-sweep"
+
+
+def comparison_rows(results: list[dict]) -> list[dict]:
+    """One flat row per training of a sweep, for the table, the CSV and --json."""
+    rows = []
+    for result in results:
+        config = result["config"]
+        row = {"strategy": config["strategy"] + (f"/{config['optimizer']}" if config["strategy"] == "optimizer" else ""),
+               "lr": result.get("lr", config["lr"]), "normalization": config["normalize"]}
+        if "error" in result:
+            rows.append({**row, "status": "failed", "error": result["error"]})
+            continue
+        train, validate = result["train"], result["validate"]
+        rows.append({
+            **row, "status": "ok", "train_loss": validate["train_loss"], "val_loss": validate["val_loss"],
+            "gap_to_optimum": validate["gap_to_optimum"], "epochs": train["epochs_run"], "stopped_by": train["stopped_by"],
+            "seconds": train["train_seconds"], "slope": train["slope"], "intercept": train["intercept"],
+            "cached": result["cached"], "train_path": result["train_path"],
+        })
+    return rows
+
+
+@task(name="record-sweep", task_run_name="record-sweep")
+def record_sweep(store: str, data: str, data_sha256: str, results: list[dict]) -> dict:
+    """Persist the comparison (CSV, joblib, plot, manifest) and publish it as a table artifact."""
+    import joblib
+    import pandas as pd
+
+    from tasks.report import plot_comparison
+    from tasks.store import write_json
+
+    s = Store(store)
+    now = datetime.now(timezone.utc)
+    sweep_id = new_run_id(now)
+    folder = s.sweep_dir(sweep_id)
+    rows = comparison_rows(results)
+    table = pd.DataFrame(rows)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / "comparison.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(folder / "comparison.joblib", lambda tmp: joblib.dump(table, tmp))
+    atomic_write(folder / "comparison.png", lambda tmp: plot_comparison(tmp, rows))
+    write_json(folder / "manifest.json", {"sweep_id": sweep_id, "created": now.isoformat(), "flow_run_id": flow_run.id,
+                                           "data": {"path": data, "sha256": data_sha256}, "rows": rows})
+    create_table_artifact(key=SWEEP_KEY, description="thermocal sweep: one row per training",
+                          table=[{k: v for k, v in row.items() if k != "train_path"} for row in rows])
+    return {"sweep_id": sweep_id, "sweep_dir": str(folder), "rows": rows,
+            "files": {name: str(folder / name) for name in ("comparison.csv", "comparison.joblib", "comparison.png")}}

@@ -80,3 +80,26 @@ def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict
         ]
     parts.append(f"![calibration plot]({image})")
     return "\n\n".join(parts) + "\n"
+
+
+def plot_comparison(path: Path, rows: list[dict]) -> None:
+    """A sweep at a glance: each training's gap to the least-squares optimum (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['strategy']} · {r['normalization']} · lr {r['lr']:g}" for r in rows]
+    gaps = [max(r["gap_to_optimum"], 1e-16) if r["status"] == "ok" else float("nan") for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5), dpi=100)
+    ax.barh(range(len(rows)), gaps, color=["tab:blue" if r["status"] == "ok" else "tab:red" for r in rows])
+    for i, r in enumerate(rows):
+        if r["status"] != "ok":
+            ax.text(1e-16, i, " failed (diverged)", va="center", color="tab:red")
+    ax.set_yticks(range(len(rows)), labels)
+    ax.set_xscale("log")
+    ax.set_xlabel("gap to the least-squares optimum (relative training loss)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -90,8 +91,21 @@ class TrainingProgress:
             self._publish(100.0)
 
 
+def _canonical(value):
+    """The same data with every string interned: pickle memoizes by object identity, so equal
+    strings that are one object here and two there (parameters unpickled on a Dask worker) would
+    otherwise give different bytes, and a different content hash, for the same content."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {_canonical(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_canonical(v) for v in value)
+    return value
+
+
 def _joblib(value):
-    return lambda path: joblib.dump(value, path)
+    return lambda path: joblib.dump(_canonical(value), path)
 
 
 def _csv(frame: pd.DataFrame):

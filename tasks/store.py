@@ -91,6 +91,11 @@ class Store:
             raise StoreError(f"malformed stage key {key!r}")
         return self.root / "stages" / stage_folder(stage) / key
 
+    def sweep_dir(self, sweep_id: str) -> Path:
+        if not RUN_ID.match(sweep_id):
+            raise StoreError(f"malformed sweep id {sweep_id!r}")
+        return self.root / "sweeps" / sweep_id
+
     def run_dir(self, run_id: str) -> Path:
         if not RUN_ID.match(run_id):
             raise StoreError(f"malformed run id {run_id!r}; run ids look like 20261130-062553-1a2b3c4d")

@@ -1,0 +1,67 @@
+"""A grid of trainings as one flow: shared data stages, trainings in parallel through a task runner."""
+
+import time
+from pathlib import Path
+
+from prefect import flow
+
+from flows.calibrate import (
+    _run_stage,
+    data_file_sha256,
+    ingest_inputs,
+    normalize_inputs,
+    split_inputs,
+    stage_call,
+    stage_result,
+    train_inputs,
+)
+from tasks.errors import ThermocalError
+from tasks.record import record_sweep
+from tasks.settings import CalibrationSettings, Normalization, Strategy
+from tasks.stages import ingest_readings, normalize_readings, split_readings, train_calibration, validate_calibration
+from tasks.store import Store
+
+
+def sweep_grid(settings: CalibrationSettings, strategies, lrs, normalizations) -> list[CalibrationSettings]:
+    """Every (normalization, strategy, lr) combination, the other settings as given."""
+    return [
+        CalibrationSettings.model_validate({**settings.model_dump(), "normalize": n, "strategy": st, "lr": lr})
+        for n in normalizations for st in strategies for lr in lrs
+    ]
+
+
+@flow(name="thermocal-sweep", persist_result=False)
+def sweep(
+    data: str = "data/readings.csv",
+    store: str = "data/runs",
+    settings: CalibrationSettings = CalibrationSettings(),
+    strategies: list[Strategy] = ["analytic"],
+    lrs: list[float] = [1e-2],
+    normalizations: list[Normalization] = ["standard"],
+) -> dict:
+    """Train every combination on the same ingested data and split; compare them in one table."""
+    s, data_path = Store(store), Path(data).resolve()
+    grid = sweep_grid(settings, strategies, lrs, normalizations)
+    with s.tidy_on_failure():
+        data_sha256 = data_file_sha256(data_path)
+        ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
+        split = _run_stage(split_readings, s, split_inputs(settings, ingest.ref))
+        normalized = {n: _run_stage(normalize_readings, s, normalize_inputs(c, ingest.ref))
+                      for n, c in {c.normalize: c for c in grid}.items()}
+        submitted = []
+        for config in grid:  # every training goes to the task runner at once
+            upstream = {"ingest": ingest.ref, "normalize": normalized[config.normalize].ref, "split": split.ref}
+            task, arguments = stage_call(train_calibration, s, train_inputs(config, upstream), log_every=config.log_every)
+            submitted.append((config, upstream, time.perf_counter(), task.submit(**arguments)))
+        rows = []
+        for config, upstream, started, future in submitted:
+            future.wait()
+            try:
+                train = stage_result(future.state, s, started)
+            except ThermocalError as error:  # one diverging combination does not sink the sweep
+                rows.append({"config": config.model_dump(), "error": str(error)})
+                continue
+            validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
+            rows.append({"config": config.model_dump(), "lr": config.learning_rate, "train": train.ref["summary"],
+                         "validate": validate.ref["summary"], "cached": train.cached, "train_path": train.ref["path"]})
+        return record_sweep(str(s.root), str(data_path), data_sha256, rows)
