@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test clean
+.PHONY: install run test bench clean
 
 install: $(STAMP)
 
@@ -22,3 +22,6 @@ test: install
 
 clean:
 	rm -rf $(VENV) data/runs
+
+bench: install
+	$(BIN)/python benchmarks/run.py

@@ -68,10 +68,8 @@ class Stopping:
     val_patience: int = 0  # 0: never
 
 
-def _epoch(stepper, x: torch.Tensor, y: torch.Tensor, batch_size: int | None, generator: torch.Generator) -> torch.Tensor:
-    """One pass over the training rows: one full-batch step, or one step per shuffled mini-batch."""
-    if batch_size is None or batch_size >= len(x):
-        return stepper.step(x, y)
+def _epoch(stepper, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """One pass over the training rows in shuffled mini-batches, one step each."""
     order = torch.randperm(len(x), generator=generator)
     total = torch.zeros((), dtype=y.dtype)
     for start in range(0, len(x), batch_size):
@@ -107,33 +105,38 @@ def train_model(
     stepper = make_stepper(strategy, torch.tensor(INITIAL_PARAMS), lr=lr, delta=delta, optimizer=optimizer)
     generator = torch.Generator().manual_seed(seed)
     has_val = x_val is not None and x_val.numel() > 0
-    train_hist = torch.empty(epochs)
-    val_hist = torch.empty(epochs) if has_val else None
+    # losses stay 0-dim tensors in lists (appending costs less than writing into a tensor, and
+    # reading one back is a host sync); stacked only at the log cadence and at the end
+    train_hist: list[torch.Tensor] = []
+    val_hist: list[torch.Tensor] = []
     best_val, best_epoch, best_params = float("inf"), 0, None
     checked = 0  # losses before this index have been checked for inf/NaN
     log_lines: list[str] = []
     stopped_by = "epochs"
+    full_batch = batch_size is None or batch_size >= len(x_train)
+    next_look = 1  # the next epoch at which losses are read back (the seed's cadence, and the end)
     for epoch in range(1, epochs + 1):
         if has_val:
             with torch.no_grad():  # validation never builds a graph
-                val_hist[epoch - 1] = loss_fn(model(x_val, *stepper.params), y_val)
+                val_hist.append(loss_fn(model(x_val, *stepper.params), y_val))
             if stopping.val_patience:
-                if float(val_hist[epoch - 1]) < best_val:
-                    best_val, best_epoch, best_params = float(val_hist[epoch - 1]), epoch, stepper.params.detach().clone()
+                if float(val_hist[-1]) < best_val:
+                    best_val, best_epoch, best_params = float(val_hist[-1]), epoch, stepper.params.detach().clone()
                 elif epoch - best_epoch >= stopping.val_patience:
                     stopped_by = "validation"
-        train_hist[epoch - 1] = _epoch(stepper, x_train, y_train, batch_size, generator)
+        train_hist.append(stepper.step(x_train, y_train) if full_batch else _epoch(stepper, x_train, y_train, batch_size, generator))
         if progress is not None:
             progress(epoch)
         if stopping.tol and epoch > stopping.patience:
-            low, high = torch.aminmax(train_hist[epoch - 1 - stopping.patience : epoch])
+            low, high = torch.aminmax(torch.stack(train_hist[-1 - stopping.patience :]))
             if float(high - low) <= stopping.tol * abs(float(low)):
                 stopped_by = "tol"
         last = epoch == epochs or stopped_by != "epochs"
         # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
-        if epoch <= 3 or epoch % log_every == 0 or last:
+        if epoch == next_look or last:
+            next_look = epoch + 1 if epoch < 3 else (epoch // log_every + 1) * log_every
             first = float(train_hist[0])
-            bad = _first_bad_epoch(train_hist[checked:epoch], checked, BLOW_UP * max(first, 1e-12))
+            bad = _first_bad_epoch(torch.stack(train_hist[checked:epoch]), checked, BLOW_UP * max(first, 1e-12))
             if bad is not None or not torch.isfinite(stepper.params).all():
                 bad = bad or epoch
                 raise _diverged(bad, float(train_hist[bad - 1]), first, strategy, lr)
@@ -149,8 +152,8 @@ def train_model(
     return TrainResult(
         w=w,
         b=b,
-        train_loss=train_hist[:epoch].numpy(),
-        val_loss=val_hist[:epoch].numpy() if has_val else None,
+        train_loss=torch.stack(train_hist).numpy(),
+        val_loss=torch.stack(val_hist).numpy() if has_val else None,
         epochs_run=epoch,
         stopped_by=stopped_by,
         best_epoch=best_epoch if stopped_by == "validation" else epoch,
