@@ -37,7 +37,8 @@ def test_cold_ephemeral_run_then_bad_data_then_predict(tmp_path, readings_csv):
     result = json.loads(cold.stdout)
     assert {"run_id", "run_dir", "model", "calibration", "train_loss", "val_loss", "epochs_run", "stages"} <= set(result)
     assert set(result["stages"]) >= {"ingest", "normalize", "split", "train", "validate", "infer"}
-    assert all(set(stage) == {"path", "cached"} and Path(stage["path"]).is_file() for stage in result["stages"].values())
+    assert all(set(stage) == {"path", "cached", "seconds"} and Path(stage["path"]).is_file() for stage in result["stages"].values())
+    assert {"train_seconds", "gap_to_optimum", "converged", "stopped_by"} <= set(result)
 
     bad = tmp_path / "bad.csv"
     bad.write_text("reading,celsius\n1,2\n")

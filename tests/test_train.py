@@ -71,3 +71,82 @@ def test_log_callback_receives_the_seed_cadence(seed_data):
     train_model(0.1 * t_u, t_c, None, None, strategy="analytic", lr=1e-2, epochs=1000, log_every=500, log=seen.append)
     assert [s.split(",")[0] for s in seen] == ["Epoch 1", "Epoch 2", "Epoch 3", "Epoch 500", "Epoch 1000"]
     assert "Validation" not in seen[0]
+
+
+def _standardized(seed_data):
+    from tasks.normalize import fit_normalizer
+
+    t_u, t_c = seed_data
+    normalizer = fit_normalizer(t_u.numpy(), "standard")
+    return normalizer, torch.from_numpy(normalizer.apply(t_u.numpy())), t_c
+
+
+def test_default_configuration_stops_at_the_optimum(seed_data):
+    from tasks.settings import CalibrationSettings
+    from tasks.train import Stopping
+
+    settings = CalibrationSettings()
+    normalizer, x, t_c = _standardized(seed_data)
+    result = train_model(x, t_c, None, None, strategy=settings.strategy, lr=settings.learning_rate, epochs=settings.max_epochs,
+                         stopping=Stopping(tol=settings.stopping_tol, patience=settings.patience))
+    assert result.stopped_by == "tol" and result.epochs_run < 50 and len(result.train_loss) == result.epochs_run
+    slope, intercept = normalizer.raw_calibration(result.w, result.b)
+    raw = seed_data[0].numpy().astype(np.float64)
+    _, _, optimum = least_squares(raw, t_c.numpy())
+    assert (np.mean((slope * raw + intercept - t_c.numpy()) ** 2) - optimum) / optimum < 1e-6
+
+
+def test_given_epochs_train_them_all(seed_data):
+    from tasks.settings import CalibrationSettings
+
+    settings = CalibrationSettings(epochs=700)
+    assert settings.stopping_tol == 0.0 and CalibrationSettings(epochs=700, tol=1e-6).stopping_tol == 1e-6
+    _, x, t_c = _standardized(seed_data)
+    result = train_model(x, t_c, None, None, strategy="analytic", lr=settings.learning_rate, epochs=settings.max_epochs)
+    assert result.stopped_by == "epochs" and result.epochs_run == 700
+
+
+@pytest.mark.parametrize("strategy", ["finite-difference", "autograd", "optimizer"])
+def test_tol_stops_every_strategy_despite_float_jitter(strategy, seed_data):
+    from tasks.train import Stopping
+
+    _, x, t_c = _standardized(seed_data)
+    result = train_model(x, t_c, None, None, strategy=strategy, lr=0.5, epochs=5000, stopping=Stopping(tol=1e-6))
+    assert result.stopped_by == "tol" and result.epochs_run < 100
+
+
+def test_an_oscillating_loss_is_not_mistaken_for_a_settled_one(seed_data):
+    from tasks.train import Stopping
+
+    t_u, t_c = seed_data  # Adam on raw readings swings widely for its first hundreds of epochs
+    result = train_model(t_u, t_c, None, None, strategy="optimizer", optimizer="adam", lr=1e-1, epochs=5000,
+                         stopping=Stopping(tol=1e-6))
+    assert result.epochs_run > 500 and float(result.train_loss[-1]) == pytest.approx(2.92765, abs=1e-3)
+
+
+def test_validation_early_stopping_keeps_the_best_parameters():
+    from tasks.train import Stopping
+
+    # from w = 1, training rows pull w toward 2 (y = 2x) while validation rows prefer 1.5 (y = 1.5x):
+    # the validation loss falls, then rises
+    x = torch.linspace(-1, 1, 20)
+    x_val = torch.linspace(-1, 1, 5)
+    result = train_model(x, 2 * x, x_val, 1.5 * x_val, strategy="analytic", lr=0.05, epochs=2000,
+                         stopping=Stopping(val_patience=20))
+    assert result.stopped_by == "validation" and result.epochs_run < 2000
+    assert result.best_epoch == int(np.argmin(result.val_loss)) + 1
+    assert result.epochs_run == result.best_epoch + 20
+    # the kept parameters are those the best validation loss was measured with, not the last ones
+    kept = float(((result.w * x_val + result.b - 1.5 * x_val) ** 2).mean())
+    assert kept == pytest.approx(float(result.val_loss.min()), rel=1e-5)
+    assert kept < float(result.val_loss[-1])
+
+
+def test_mini_batches_follow_their_own_seed(seed_data):
+    _, x, t_c = _standardized(seed_data)
+    run = lambda seed: train_model(x, t_c, None, None, strategy="autograd", lr=0.05, epochs=200, batch_size=4, seed=seed)
+    a, b, c = run(1), run(1), run(2)
+    assert (a.w, a.b) == (b.w, b.b) and np.array_equal(a.train_loss, b.train_loss)
+    assert (a.w, a.b) != (c.w, c.b)
+    torch.manual_seed(123)  # the global generator plays no part
+    assert (run(1).w, run(1).b) == (a.w, a.b)
