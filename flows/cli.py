@@ -1,4 +1,4 @@
-"""The command line: `thermocal run | serve | server | predict | runs` (also `python -m flows`).
+"""The command line: `thermocal run | sweep | serve | server | synth | predict | runs` (also `python -m flows`).
 
 Exit codes: 0 success; 2 a user's mistake (bad data file, bad option, unknown run);
 3 training diverged; 1 anything else (an internal fault).
@@ -153,9 +153,18 @@ def _print_run(summary: dict) -> None:
     print(f"plot: {summary['report']}")
 
 
-def _prepare_prefect() -> None:
+def _start_prefect(ephemeral: bool = True) -> None:
+    """Prefect's settings for this machine, quiet user errors, and (unless PREFECT_API_URL names a
+    server) its temporary server, started the way concurrent first runs can share."""
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    import prefect  # noqa: F401  (configures Prefect's logging, which _quiet_user_errors adjusts)
+
+    from flows.serving import start_ephemeral_server
+
+    _quiet_user_errors()
+    if ephemeral:
+        start_ephemeral_server()
 
 
 def _check_data_file(path: str) -> None:
@@ -170,12 +179,9 @@ def _check_data_file(path: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _check_data_file(args.data)
-    _prepare_prefect()
+    _start_prefect()
     from flows.calibrate import calibrate
-    from flows.serving import start_ephemeral_server
 
-    _quiet_user_errors()
-    start_ephemeral_server()
     summary = calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -192,8 +198,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.interval is not None and not args.interval > 0:
         raise InvalidInput(f"--interval must be a positive number of seconds (got {args.interval:g})")
     parameters = deployment_parameters(args.data, args.store, settings, args.predict)
-    _prepare_prefect()
-    _quiet_user_errors()
+    _start_prefect(ephemeral=False)  # a schedule needs a real server: serve_calibration checks for one
     serve_calibration(args.name, parameters, settings, args.cron, args.interval)
     return 0
 
@@ -208,8 +213,6 @@ def _split_list(text: str, name: str) -> list[str]:
 def _task_runner(args: argparse.Namespace, trainings: int):
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    if args.workers is not None and args.workers < 1:
-        raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
     if args.dask_address:
         from prefect_dask import DaskTaskRunner
 
@@ -228,8 +231,7 @@ def _task_runner(args: argparse.Namespace, trainings: int):
 def _sweep(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.sweep import sweep_grid
-    from tasks.settings import describe_validation_error
+    from tasks.settings import describe_validation_error, sweep_grid
 
     settings = _settings(args)
     _check_data_file(args.data)
@@ -242,19 +244,23 @@ def _sweep(args: argparse.Namespace) -> int:
         grid = sweep_grid(settings, strategies, lrs, normalizations)
     except ValidationError as error:
         raise InvalidInput(describe_validation_error(error)) from None
-    _prepare_prefect()
-    from flows.serving import start_ephemeral_server
+    if args.workers is not None and args.workers < 1:
+        raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
+    _start_prefect()
     from flows.sweep import sweep
 
-    _quiet_user_errors()
-    start_ephemeral_server()
     runner = _task_runner(args, len(grid))
     result = sweep.with_options(task_runner=runner)(
         data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations
     )
     if args.json:
         print(json.dumps(result["rows"], indent=2))
-        return 0
+    else:
+        _print_sweep(result)
+    return 0
+
+
+def _print_sweep(result: dict) -> None:
     print(f"{'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}")
     for row in result["rows"]:
         head = f"{row['strategy']:<17} {row['normalization']:<9} {row['lr']:>8g}"
@@ -264,7 +270,6 @@ def _sweep(args: argparse.Namespace) -> int:
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
         print(f"{head} {row['train_loss']:>11.6f} {val:>10} {row['gap_to_optimum']:>9.1e} {row['epochs']:>6} {row['seconds'] * 1000:>8.1f}")
     print(f"sweep {result['sweep_id']}: {result['files']['comparison.csv']} and a plot beside it")
-    return 0
 
 
 def _server(args: argparse.Namespace) -> int:

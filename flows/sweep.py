@@ -17,17 +17,9 @@ from flows.calibrate import (
 )
 from tasks.errors import ThermocalError
 from tasks.record import record_sweep
-from tasks.settings import CalibrationSettings, Normalization, Strategy
+from tasks.settings import CalibrationSettings, Normalization, Strategy, sweep_grid
 from tasks.stages import ingest_readings, normalize_readings, split_readings, train_calibration, validate_calibration
 from tasks.store import Store
-
-
-def sweep_grid(settings: CalibrationSettings, strategies, lrs, normalizations) -> list[CalibrationSettings]:
-    """Every (normalization, strategy, lr) combination, the other settings as given."""
-    return [
-        CalibrationSettings.model_validate({**settings.model_dump(), "normalize": n, "strategy": st, "lr": lr})
-        for n in normalizations for st in strategies for lr in lrs
-    ]
 
 
 @flow(name="thermocal-sweep", persist_result=False)

@@ -94,6 +94,14 @@ class CalibrationSettings(BaseModel):
         return self
 
 
+def sweep_grid(settings: CalibrationSettings, strategies, lrs, normalizations) -> list[CalibrationSettings]:
+    """Every (normalization, strategy, lr) combination, the other settings as given, each validated."""
+    return [
+        CalibrationSettings.model_validate({**settings.model_dump(), "normalize": n, "strategy": st, "lr": lr})
+        for n in normalizations for st in strategies for lr in lrs
+    ]
+
+
 def describe_validation_error(error) -> str:
     """One line per invalid field of a pydantic ValidationError, naming the field."""
     lines = []
