@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow, tags
 from prefect.runtime import flow_run
 
-from tasks.errors import InvalidInput
+from tasks.errors import UNREADABLE, unreadable
 from tasks.settings import CalibrationSettings
 from tasks.split import rows_needed
 from tasks.record import record_run
@@ -86,12 +86,8 @@ def _tag_flow_run(extra: list[str]) -> None:
 def data_file_sha256(path: Path) -> str:
     try:
         return sha256_file(path)
-    except FileNotFoundError:
-        raise InvalidInput(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path}: is a directory, not a CSV file") from None
-    except PermissionError:
-        raise InvalidInput(f"{path}: permission denied") from None
+    except UNREADABLE as error:
+        raise unreadable(path, error) from None
 
 
 def ingest_inputs(settings: CalibrationSettings, data_sha256: str) -> dict:

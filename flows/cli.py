@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.errors import InvalidInput, ThermocalError
+from tasks.errors import UNREADABLE, InvalidInput, ThermocalError, unreadable
 from tasks.settings import AUTO_TOL, MAX_EPOCHS, NORMALIZATIONS, STRATEGIES, CalibrationSettings
 
 DEFAULTS = CalibrationSettings()
@@ -158,8 +158,7 @@ def _start_prefect(ephemeral: bool = True) -> None:
     server) its temporary server, started the way concurrent first runs can share."""
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    import prefect  # noqa: F401  (configures Prefect's logging, which _quiet_user_errors adjusts)
-
+    import flows.calibrate  # noqa: F401  (imports Prefect, whose logging set-up _quiet_user_errors adjusts)
     from flows.serving import start_ephemeral_server
 
     _quiet_user_errors()
@@ -168,12 +167,11 @@ def _start_prefect(ephemeral: bool = True) -> None:
 
 
 def _check_data_file(path: str) -> None:
-    """Refuse a missing data file before paying for Prefect's start-up (the flow checks again)."""
-    data = Path(path)
-    if not data.exists():
-        raise InvalidInput(f"{path}: no such file")
-    if data.is_dir():
-        raise InvalidInput(f"{path}: is a directory, not a CSV file")
+    """Refuse a data file that cannot be opened before paying for Prefect's start-up (the flow checks again)."""
+    try:
+        open(path, "rb").close()
+    except UNREADABLE as error:
+        raise unreadable(path, error) from None
 
 
 def _run(args: argparse.Namespace) -> int:

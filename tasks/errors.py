@@ -23,3 +23,15 @@ class StoreError(ThermocalError):
     """The store lacks what was asked for, or a file in it fails its recorded hash."""
 
     exit_code = 2
+
+
+UNREADABLE = (FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def unreadable(path, error: OSError) -> InvalidInput:
+    """The message for a data file that cannot be opened: missing, a directory, or not permitted."""
+    if isinstance(error, FileNotFoundError):
+        return InvalidInput(f"{path}: no such file")
+    if isinstance(error, IsADirectoryError):
+        return InvalidInput(f"{path}: is a directory, not a CSV file")
+    return InvalidInput(f"{path}: permission denied")

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from tasks.errors import InvalidInput
+from tasks.errors import UNREADABLE, InvalidInput, unreadable
 
 ABSOLUTE_ZERO_C = -273.15
 READING, CELSIUS = "reading", "celsius"  # the names every later stage uses
@@ -106,12 +106,8 @@ def _read(path: Path, **options) -> pd.DataFrame:
             # first column into the index: either silently changes the data
             warnings.simplefilter("error", pd.errors.ParserWarning)
             return pd.read_csv(path, encoding="utf-8-sig", index_col=False, **options)
-    except FileNotFoundError:
-        raise InvalidInput(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"{path}: is a directory, not a CSV file") from None
-    except PermissionError:
-        raise InvalidInput(f"{path}: permission denied") from None
+    except UNREADABLE as error:
+        raise unreadable(path, error) from None
     except pd.errors.EmptyDataError:
         raise InvalidInput(f"{path}: the file is empty; expected a header line and rows of readings") from None
     except UnicodeDecodeError:
