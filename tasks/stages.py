@@ -116,7 +116,7 @@ def _json(value):
     return lambda path: write_json(path, value)
 
 
-@_stage("ingest", ("tasks.ingest", "tasks.split", "tasks.errors"))
+@_stage("ingest", ("tasks.ingest", "tasks.errors"))
 def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str) -> dict:
     """Read the CSV and validate it against the readings schema."""
     table = load_readings(Path(data), reading_column, celsius_column, min_rows)
@@ -130,11 +130,12 @@ def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str,
 @_stage("normalize", ("tasks.normalize", "tasks.errors"))
 def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: float | None) -> dict:
     """Fit the normalization on the readings and apply it."""
-    table = Store(store).load(ingest)
-    normalizer = fit_normalizer(table[READING].to_numpy(), method, scale if scale is not None else 0.1)
-    output = {"normalizer": normalizer.to_dict(), "x": normalizer.apply(table[READING].to_numpy())}
+    s = Store(store)
+    readings = s.load(ingest)[READING].to_numpy()
+    normalizer = fit_normalizer(readings, method, scale if scale is not None else 0.1)
+    output = {"normalizer": normalizer.to_dict(), "x": normalizer.apply(readings)}
     files = {"normalize.joblib": _joblib(output), "normalize.json": _json(normalizer.to_dict())}
-    return Store(store).write_stage("normalize", key, files, normalizer.to_dict())
+    return s.write_stage("normalize", key, files, normalizer.to_dict())
 
 
 @_stage("split", ("tasks.split",))
@@ -151,11 +152,11 @@ def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed
 
 
 def _inputs(store: Store, ingest: dict, normalize: dict, split: dict):
-    table, norm, idx = store.load(ingest), store.load(normalize), store.load(split)
-    return table, norm, idx
+    """The ingested table, the normalization and the split, each verified against its hash."""
+    return store.load(ingest), store.load(normalize), store.load(split)
 
 
-@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.errors"))
+@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.normalize", "tasks.errors"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
@@ -168,6 +169,7 @@ def train_calibration(
     y = torch.from_numpy(table[CELSIUS].to_numpy(np.float32))
     train_idx, val_idx = torch.from_numpy(idx["train"]).long(), torch.from_numpy(idx["validation"]).long()
     x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+    normalizer = Normalizer(**norm["normalizer"])
     del table, norm, idx, x, y  # only the training and validation rows stay in memory
     progress = TrainingProgress(epochs)
     started = time.perf_counter()
@@ -179,7 +181,7 @@ def train_calibration(
     )
     seconds = time.perf_counter() - started
     progress.finish()
-    slope, intercept = Normalizer(**s.load(normalize)["normalizer"]).raw_calibration(result.w, result.b)
+    slope, intercept = normalizer.raw_calibration(result.w, result.b)
     settings = {"strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta, "tol": tol,
                 "patience": patience, "val_patience": val_patience, "batch_size": batch_size, "seed": seed}
     output = {
@@ -199,14 +201,15 @@ def train_calibration(
     return s.write_stage("train", key, files, summary)
 
 
-@_stage("validate", ("tasks.evaluate", "tasks.model"))
+@_stage("validate", ("tasks.evaluate", "tasks.model", "tasks.normalize"))
 def validate_calibration(store: str, key: str, ingest: dict, normalize: dict, split: dict, train: dict) -> dict:
     """Final losses with gradients off, and the gap to the least-squares optimum."""
     s = Store(store)
     table, norm, idx = _inputs(s, ingest, normalize, split)
     params = s.load(train)["params"]
     metrics = evaluate_model(
-        params["w"], params["b"], Normalizer(**norm["normalizer"]), norm["x"], table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
+        params["w"], params["b"], Normalizer(**norm["normalizer"]), norm["x"],
+        table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"],
     )
     if not metrics["converged"]:
         get_run_logger().warning(not_converged_message(metrics))
@@ -221,7 +224,9 @@ def infer_celsius(store: str, key: str, ingest: dict, normalize: dict, split: di
     table, norm, idx = _inputs(s, ingest, normalize, split)
     params = s.load(train)["params"]
     normalizer = Normalizer(**norm["normalizer"])
-    dataset = predictions_table(params["w"], params["b"], normalizer, table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["validation"])
+    dataset = predictions_table(
+        params["w"], params["b"], normalizer, table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["validation"]
+    )
     new = pd.DataFrame({"reading": np.asarray(readings, dtype=np.float64)})
     new["celsius"] = predict_celsius(params["w"], params["b"], normalizer, new["reading"].to_numpy())
     files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "new_predictions.csv": _csv(new)}
