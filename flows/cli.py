@@ -259,15 +259,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _print_sweep(result: dict) -> None:
-    print(f"{'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}")
+    print(f"{'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}  calibration")
     for row in result["rows"]:
         head = f"{row['strategy']:<17} {row['normalization']:<9} {row['lr']:>8g}"
         if row["status"] != "ok":
             print(f"{head}  failed: {row['error'].split(':')[0]}")
             continue
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
-        print(f"{head} {row['train_loss']:>11.6f} {val:>10} {row['gap_to_optimum']:>9.1e} {row['epochs']:>6} {row['seconds'] * 1000:>8.1f}")
-    print(f"sweep {result['sweep_id']}: {result['files']['comparison.csv']} and a plot beside it")
+        print(f"{head} {row['train_loss']:>11.6f} {val:>10} {row['gap_to_optimum']:>9.1e} {row['epochs']:>6} "
+              f"{row['seconds'] * 1000:>8.1f}  °C = {row['slope']:.5f} × r {row['intercept']:+.4f}")
+    files = result["files"]
+    print(f"sweep {result['sweep_id']}: {files['comparison.csv']}, {files['comparison.joblib']}, {files['comparison.png']}")
 
 
 def _server(args: argparse.Namespace) -> int:
@@ -326,7 +328,7 @@ def _runs(args: argparse.Namespace) -> int:
         p, r = {**m["parameters"], **m.get("effective", {})}, m["results"]
         rows.append({
             "run_id": m["run_id"], "created": m["created"], "strategy": p["strategy"], "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
-            "normalize": p["normalize"], "lr": p["lr"], "epochs": p["epochs"], "val_fraction": p["val_fraction"],
+            "normalize": p["normalize"], "lr": p["lr"], "epochs": r.get("epochs_run", p["epochs"]), "val_fraction": p["val_fraction"],
             "train_loss": r["train_loss"], "val_loss": r["val_loss"], "slope": r["calibration"]["slope"], "intercept": r["calibration"]["intercept"],
         })
     if args.json:
