@@ -1,12 +1,10 @@
 """Every file of tests/corpus and every bad option through the real entry point: exit 2, one message
 naming what is wrong and where, no traceback, and the store exactly as it was."""
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tasks.store import sha256_file
 from tests.test_flow import run, run_json, snapshot
 
 CORPUS = Path(__file__).parent / "corpus"

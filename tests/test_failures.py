@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import joblib
@@ -141,8 +140,8 @@ def test_four_runs_at_once_on_one_store(tmp_path, server_env):
     assert results[0]["stages"]["train"]["path"] == results[1]["stages"]["train"]["path"]
     for result in results:
         m = manifest(result)
-        for name, stage in m["stages"].items():
-            for file, relative in stage["files"].items():
+        for stage in m["stages"].values():
+            for relative in stage["files"].values():
                 assert (store / relative).is_file()
             assert sha256_file(store / stage["path"]) == stage["sha256"]
             joblib.load(store / stage["path"])
