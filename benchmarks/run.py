@@ -61,12 +61,45 @@ def bench_strategies() -> None:
                f"seed loop {seed_s * 1e6 / 5000:.0f} µs/epoch", f"{ours_s / seed_s:.2f}x")
 
 
+def bench_models() -> None:
+    """The other model families' loops, 5000 epochs on the seed's x0.1 readings, against a plain
+    autograd loop of the same model in the same run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import io
+    from contextlib import redirect_stdout
+
+    from seed_loops import plain_autograd
+
+    from tasks.models import make_model
+    from tasks.train import train_model
+
+    t_u, t_c = seed_data()
+    x = 0.1 * t_u
+    for spec, lr in (("poly:3", 0.5), ("mlp:13", 1e-3)):
+        model = make_model(spec).fit(x.double().numpy())
+        f = model.features(x.double()).float()
+
+        def reference():
+            with redirect_stdout(io.StringIO()):  # its progress prints, as the seed's loops
+                plain_autograd(spec, f, t_c, lr)
+
+        reference()
+        ref_s = best(reference)
+        for strategy in ("analytic", "finite-difference", "autograd", "optimizer"):
+            ours = lambda: train_model(f, t_c, None, None, model=model, strategy=strategy, lr=lr, epochs=5000, delta=1e-2)
+            ours()
+            ours_s = best(ours)
+            report(f"train 5000 epochs, {spec}, {strategy}", f"{ours_s * 1e6 / 5000:.0f} µs/epoch",
+                   f"plain autograd loop of {spec} {ref_s * 1e6 / 5000:.0f} µs/epoch", f"{ours_s / ref_s:.2f}x")
+
+
 def bench_time_to_optimum() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import numpy as np
     from seed_loops import run_seed_loop
 
     from tasks.model import least_squares
+    from tasks.models import Linear
     from tasks.normalize import fit_normalizer
     from tasks.settings import CalibrationSettings
     from tasks.train import Stopping, train_model
@@ -78,7 +111,7 @@ def bench_time_to_optimum() -> None:
     run = lambda: train_model(x, t_c, None, None, strategy=defaults.strategy, lr=defaults.learning_rate,
                               epochs=defaults.max_epochs, stopping=Stopping(tol=defaults.stopping_tol, patience=defaults.patience))
     result = run()
-    slope, intercept = normalizer.raw_calibration(result.w, result.b)
+    intercept, slope = Linear().raw_coefficients(result.params, normalizer)
     raw = t_u.numpy().astype(np.float64)
     _, _, optimum = least_squares(raw, t_c.numpy())
     gap = (np.mean((slope * raw + intercept - t_c.numpy()) ** 2) - optimum) / optimum
@@ -236,7 +269,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
           f"Python {platform.python_version()}, torch {__import__('torch').__version__}", file=sys.stderr)
-    for bench in (bench_strategies, bench_time_to_optimum, bench_large_file, bench_overhead, bench_sweep):
+    for bench in (bench_strategies, bench_models, bench_time_to_optimum, bench_large_file, bench_overhead, bench_sweep):
         bench()
     print("\n| measure | thermocal | reference | ratio |\n|---|---|---|---|")
     for row in rows_out:

@@ -91,3 +91,30 @@ SEED_LOOPS = {
 def run_seed_loop(strategy: str, t_un, t_c):
     with redirect_stdout(io.StringIO()):
         return SEED_LOOPS[strategy](t_un, t_c)
+
+
+def plain_autograd(spec: str, features, t_c, learning_rate: float, n_epochs: int = 5000):
+    """The seed's autograd loop written plainly for another model family: the polynomial as
+    features @ coefficients, the network as torch.nn's own Sequential (the reference that
+    thermocal's generalized loops are measured against)."""
+    if spec.startswith("poly"):
+        params = [torch.zeros(features.shape[1], requires_grad=True)]
+        forward = lambda: features @ params[0]
+    else:
+        hidden = int(spec.split(":")[1])
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(1, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 1))
+        params = list(net.parameters())
+        column = features.reshape(-1, 1)
+        forward = lambda: net(column).reshape(-1)
+    for epoch in range(1, n_epochs + 1):
+        for p in params:
+            p.grad = None
+        loss = loss_fn(forward(), t_c)
+        loss.backward()
+        with torch.no_grad():
+            for p in params:
+                p -= learning_rate * p.grad
+        if epoch % 500 == 0:
+            print("Epoch %d, Loss %f" % (epoch, float(loss.detach())))
+    return params

@@ -106,12 +106,17 @@ def split_inputs(settings: CalibrationSettings, ingest: dict) -> dict:
 def train_inputs(settings: CalibrationSettings, upstream: dict) -> dict:
     """What decides a training: the data's stages and the training settings that apply."""
     return {
-        **upstream, "strategy": settings.strategy, "lr": settings.learning_rate, "epochs": settings.max_epochs,
+        **upstream, "model": settings.model, "strategy": settings.strategy, "lr": settings.learning_rate, "epochs": settings.max_epochs,
         "optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
         "delta": settings.delta if settings.strategy == "finite-difference" else None,
         "tol": settings.stopping_tol, "patience": settings.patience, "val_patience": settings.val_patience,
         "batch_size": settings.batch_size, "seed": settings.seed,
     }
+
+
+def evaluate_inputs(ingest: dict, split: dict, train: dict) -> dict:
+    """What validation and inference read: the readings, the split and the trained calibration."""
+    return {"ingest": ingest, "split": split, "train": train}
 
 
 @flow(name="thermocal-calibrate", persist_result=False)
@@ -121,7 +126,7 @@ def calibrate(
     settings: CalibrationSettings = CalibrationSettings(),
     predict: list[float] | None = None,
 ) -> dict:
-    """Learn °C = slope × reading + intercept from paired readings, persisting every stage."""
+    """Learn a calibration (°C from readings: a line, a polynomial or a small network) from paired readings, persisting every stage."""
     s, data_path, predict = Store(store), Path(data).resolve(), list(predict or [])
     _tag_flow_run(run_tags(settings))
     with s.tidy_on_failure(), tags(*run_tags(settings)):
@@ -131,8 +136,8 @@ def calibrate(
         split = _run_stage(split_readings, s, split_inputs(settings, ingest.ref))
         upstream = {"ingest": ingest.ref, "normalize": normalize.ref, "split": split.ref}
         train = _run_stage(train_calibration, s, train_inputs(settings, upstream), log_every=settings.log_every)
-        validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
-        infer = _run_stage(infer_celsius, s, {**upstream, "train": train.ref, "readings": predict})
+        validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest.ref, split.ref, train.ref))
+        infer = _run_stage(infer_celsius, s, {**evaluate_inputs(ingest.ref, split.ref, train.ref), "readings": predict})
         report = _run_stage(
             report_run, s,
             {"ingest": ingest.ref, "train": train.ref, "validate": validate.ref, "infer": infer.ref,

@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 
 from tasks.errors import UNREADABLE, InvalidInput, ThermocalError, unreadable
-from tasks.settings import AUTO_TOL, MAX_EPOCHS, NORMALIZATIONS, STRATEGIES, CalibrationSettings
-
-DEFAULTS = CalibrationSettings()
+from tasks.settings import CalibrationSettings
 
 # Prefect reads these when it is imported. A cold ephemeral server takes about 17 s to become
 # healthy, close to Prefect's 20 s default timeout; there is no internet for telemetry here.
@@ -31,25 +31,29 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default="data/runs", help="where runs and stage outputs live (default: %(default)s)")
 
 
+def _option(name: str, field) -> tuple[str, dict]:
+    """The argparse flag and keywords of one settings field: `val_fraction: float = 0.2` ->
+    ('--val-fraction', type=float, default=0.2, help='… (default: 0.2)'); a Literal gives choices."""
+    annotation = field.annotation
+    kinds = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
+    kind = kinds[0]
+    options: dict = {"default": field.default, "help": field.description}
+    if typing.get_origin(kind) is typing.Literal and not field.metadata:
+        options["choices"] = typing.get_args(kind)
+    elif kind in (int, float):
+        options["type"] = kind
+    if field.default is not None:
+        options["help"] += " (default: %(default)s)"
+    return "--" + name.replace("_", "-"), options
+
+
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """`--data`, `--store`, `--predict`, and one option per field of CalibrationSettings."""
     parser.add_argument("--data", default="data/readings.csv", help="CSV of paired readings (default: %(default)s)")
     _add_store(parser)
-    parser.add_argument("--reading-column", default=DEFAULTS.reading_column, help="column of instrument readings (default: %(default)s)")
-    parser.add_argument("--celsius-column", default=DEFAULTS.celsius_column, help="column of true °C (default: %(default)s)")
-    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=DEFAULTS.normalize, help="input normalization (default: %(default)s)")
-    parser.add_argument("--scale", type=float, default=DEFAULTS.scale, help="factor for --normalize scale (default: %(default)s)")
-    parser.add_argument("--val-fraction", type=float, default=DEFAULTS.val_fraction, help="share held out for validation, in [0, 1); 0 trains on all rows (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=DEFAULTS.seed, help="seed of the split (default: %(default)s)")
-    parser.add_argument("--strategy", choices=STRATEGIES, default=DEFAULTS.strategy, help="how the gradient is computed (default: %(default)s)")
-    parser.add_argument("--optimizer", default=DEFAULTS.optimizer, help="torch.optim optimizer for --strategy optimizer, any case (default: %(default)s)")
-    parser.add_argument("--lr", type=float, help="learning rate (default: 0.5 with --normalize standard, 0.01 with scale, 1e-4 with none)")
-    parser.add_argument("--epochs", type=int, help=f"train exactly this many epochs (default: until the loss settles, at most {MAX_EPOCHS})")
-    parser.add_argument("--tol", type=float, help=f"stop once the training loss stays within this relative band for --patience epochs; 0: never (default: {AUTO_TOL:g} without --epochs, 0 with it)")
-    parser.add_argument("--patience", type=int, default=DEFAULTS.patience, help="epochs of --tol (default: %(default)s)")
-    parser.add_argument("--val-patience", type=int, default=DEFAULTS.val_patience, help="stop when the validation loss has not improved for N epochs, keeping its best parameters; 0: never (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, help="rows per mini-batch step (default: the whole training set)")
-    parser.add_argument("--delta", type=float, default=DEFAULTS.delta, help="step of --strategy finite-difference (default: %(default)s)")
-    parser.add_argument("--log-every", type=int, default=DEFAULTS.log_every, help="log epochs 1-3, then every N (default: %(default)s)")
+    for name, field in CalibrationSettings.model_fields.items():
+        flag, options = _option(name, field)
+        parser.add_argument(flag, **options)
     parser.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
 
 
@@ -72,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--strategies", default="analytic", help="comma-separated, e.g. analytic,autograd (default: %(default)s)")
     sweep.add_argument("--lrs", default="0.01", help="comma-separated learning rates, e.g. 1e-2,1e-3 (default: %(default)s)")
     sweep.add_argument("--normalizations", default="standard", help="comma-separated, e.g. scale,standard (default: %(default)s)")
+    sweep.add_argument("--models", help="comma-separated model specs, e.g. linear,poly:2,poly:3,mlp:13 (default: --model)")
     runner = sweep.add_mutually_exclusive_group()
     runner.add_argument("--sequential", action="store_true", help="one training at a time")
     runner.add_argument("--dask", action="store_true", help="run trainings on a local Dask cluster (prefect-dask)")
@@ -133,18 +138,34 @@ def _quiet_user_errors() -> None:
                     handler.addFilter(_HideUserErrorTracebacks())
 
 
+def _print_calibration(calibration: dict, prefix: str = "calibration: ") -> None:
+    """The calibration function in raw units, or, for the network, °C at readings across its range."""
+    from tasks.report import calibration_formula
+
+    formula = calibration_formula(calibration)
+    if formula is not None:
+        print(f"{prefix}{formula}")
+        return
+    low, high = calibration["range"]
+    print(f"{prefix}°C at readings across the calibrated range {low:g} to {high:g}:")
+    for row in calibration["table"]:
+        print(f"  {row['reading']:>12.6g} -> {row['celsius']:10.4f} °C")
+
+
 def _print_run(summary: dict) -> None:
-    cal = summary["calibration"]
-    print(f"calibration: °C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}")
+    print(f"model: {summary['model']['spec']}")
+    _print_calibration(summary["calibration"])
     val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
-    print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}, "
-          f"gap {summary['gap_to_optimum']:.2e}), validation loss {val}")
+    if summary["optimum"] is not None:
+        print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}, "
+              f"gap {summary['gap_to_optimum']:.2e}), validation loss {val}")
+    else:
+        best = ", ".join(f"{spec} {loss:.6f}" for spec, loss in summary.get("baselines", {}).items())
+        print(f"training loss {summary['train_loss']:.6f} (best polynomials on the same rows: {best}), validation loss {val}")
     stop = {"epochs": "all epochs", "tol": "the loss settled", "validation": "validation stopped improving"}[summary["stopped_by"]]
     print(f"{summary['epochs_run']} epochs ({stop}) in {summary['train_seconds'] * 1000:.1f} ms of training")
-    if not summary["converged"]:
-        from tasks.evaluate import not_converged_message
-
-        print(f"warning: {not_converged_message(summary)}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
     for row in summary["predictions"]:
         print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
     print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
@@ -238,10 +259,12 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidInput(f"--lrs must be comma-separated numbers (got {args.lrs!r})") from None
     strategies, normalizations = _split_list(args.strategies, "strategies"), _split_list(args.normalizations, "normalizations")
+    models = _split_list(args.models, "models") if args.models is not None else [settings.model]
     try:
-        grid = sweep_grid(settings, strategies, lrs, normalizations)
+        grid = sweep_grid(settings, strategies, lrs, normalizations, models)
     except ValidationError as error:
         raise InvalidInput(describe_validation_error(error)) from None
+    models = list(dict.fromkeys(config.model for config in grid))  # canonical specs, in the order given
     if args.workers is not None and args.workers < 1:
         raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
     _start_prefect()
@@ -249,7 +272,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
     runner = _task_runner(args, len(grid))
     result = sweep.with_options(task_runner=runner)(
-        data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations
+        data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations,
+        models=models,
     )
     if args.json:
         print(json.dumps(result["rows"], indent=2))
@@ -259,15 +283,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _print_sweep(result: dict) -> None:
-    print(f"{'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}  calibration")
+    print(f"{'model':<8} {'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}  calibration")
     for row in result["rows"]:
-        head = f"{row['strategy']:<17} {row['normalization']:<9} {row['lr']:>8g}"
+        head = f"{row['model']:<8} {row['strategy']:<17} {row['normalization']:<9} {row['lr']:>8g}"
         if row["status"] != "ok":
             print(f"{head}  failed: {row['error'].split(':')[0]}")
             continue
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
-        print(f"{head} {row['train_loss']:>11.6f} {val:>10} {row['gap_to_optimum']:>9.1e} {row['epochs']:>6} "
-              f"{row['seconds'] * 1000:>8.1f}  °C = {row['slope']:.5f} × r {row['intercept']:+.4f}")
+        gap = "-" if row["gap_to_optimum"] is None else f"{row['gap_to_optimum']:.1e}"
+        print(f"{head} {row['train_loss']:>11.6f} {val:>10} {gap:>9} {row['epochs']:>6} "
+              f"{row['seconds'] * 1000:>8.1f}  {row['calibration']}")
     files = result["files"]
     print(f"sweep {result['sweep_id']}: {files['comparison.csv']}, {files['comparison.joblib']}, {files['comparison.png']}")
 
@@ -300,36 +325,36 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from tasks.evaluate import predict_celsius
-    from tasks.normalize import Normalizer
+    from tasks.calibration import Calibration
     from tasks.store import Store
 
     store = Store(args.store)
     manifest = store.manifest(args.run_id)
-    stages = manifest["stages"]
-    trained = store.load({"stage": "train", **stages["train"]})
-    normalizer = Normalizer(**store.load({"stage": "normalize", **stages["normalize"]})["normalizer"])
-    celsius = predict_celsius(trained["params"]["w"], trained["params"]["b"], normalizer, args.readings)
+    trained = store.load({"stage": "train", **manifest["stages"]["train"]})
+    calibration = Calibration.from_record(trained["model"])
+    celsius = calibration.predict(args.readings)
     rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
     if args.json:
         print(json.dumps(rows))
     else:
-        print(f"run {manifest['run_id']}: °C = {trained['calibration']['slope']:.6f} × reading {trained['calibration']['intercept']:+.6f}")
+        _print_calibration(trained["calibration"], prefix=f"run {manifest['run_id']} ({calibration.model.spec}): ")
         for row in rows:
             print(f"  {row['reading']:g} -> {row['celsius']:.4f} °C")
     return 0
 
 
 def _runs(args: argparse.Namespace) -> int:
+    from tasks.report import calibration_formula
     from tasks.store import Store
 
     rows = []
     for m in Store(args.store).manifests():
         p, r = {**m["parameters"], **m.get("effective", {})}, m["results"]
         rows.append({
-            "run_id": m["run_id"], "created": m["created"], "strategy": p["strategy"], "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
+            "run_id": m["run_id"], "created": m["created"], "model": r["model"].get("spec", "linear"), "strategy": p["strategy"],
+            "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
             "normalize": p["normalize"], "lr": p["lr"], "epochs": r.get("epochs_run", p["epochs"]), "val_fraction": p["val_fraction"],
-            "train_loss": r["train_loss"], "val_loss": r["val_loss"], "slope": r["calibration"]["slope"], "intercept": r["calibration"]["intercept"],
+            "train_loss": r["train_loss"], "val_loss": r["val_loss"], "calibration": r["calibration"],
         })
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -337,12 +362,12 @@ def _runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs in {Path(args.store).resolve()}")
         return 0
-    print(f"{'run id':<24} {'strategy':<17} {'normalize':<9} {'lr':>8} {'epochs':>6} {'train loss':>11} {'val loss':>10}  calibration")
+    print(f"{'run id':<24} {'model':<8} {'strategy':<17} {'normalize':<9} {'lr':>8} {'epochs':>6} {'train loss':>11} {'val loss':>10}  calibration")
     for row in rows:
         strategy = row["strategy"] + (f"/{row['optimizer']}" if row["optimizer"] else "")
         val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
-        print(f"{row['run_id']:<24} {strategy:<17} {row['normalize']:<9} {row['lr']:>8g} {row['epochs']:>6} "
-              f"{row['train_loss']:>11.6f} {val:>10}  °C = {row['slope']:.5f} × r {row['intercept']:+.4f}")
+        print(f"{row['run_id']:<24} {row['model']:<8} {strategy:<17} {row['normalize']:<9} {row['lr']:>8g} {row['epochs']:>6} "
+              f"{row['train_loss']:>11.6f} {val:>10}  {calibration_formula(row['calibration'], 'r') or '(network)'}")
     return 0
 
 

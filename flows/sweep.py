@@ -8,6 +8,7 @@ from prefect import flow
 from flows.calibrate import (
     _run_stage,
     data_file_sha256,
+    evaluate_inputs,
     ingest_inputs,
     normalize_inputs,
     split_inputs,
@@ -17,7 +18,7 @@ from flows.calibrate import (
 )
 from tasks.errors import ThermocalError
 from tasks.record import record_sweep
-from tasks.settings import CalibrationSettings, Normalization, Strategy, sweep_grid
+from tasks.settings import CalibrationSettings, ModelSpec, Normalization, Strategy, sweep_grid
 from tasks.stages import ingest_readings, normalize_readings, split_readings, train_calibration, validate_calibration
 from tasks.store import Store
 
@@ -30,10 +31,12 @@ def sweep(
     strategies: list[Strategy] = ["analytic"],
     lrs: list[float] = [1e-2],
     normalizations: list[Normalization] = ["standard"],
+    models: list[ModelSpec] | None = None,
 ) -> dict:
-    """Train every combination on the same ingested data and split; compare them in one table."""
+    """Train every combination (models x normalizations x strategies x learning rates; `models`
+    empty: the settings' model) on the same ingested data and split; compare them in one table."""
     s, data_path = Store(store), Path(data).resolve()
-    grid = sweep_grid(settings, strategies, lrs, normalizations)
+    grid = sweep_grid(settings, strategies, lrs, normalizations, models)
     with s.tidy_on_failure():
         data_sha256 = data_file_sha256(data_path)
         ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
@@ -53,7 +56,7 @@ def sweep(
             except ThermocalError as error:  # one diverging combination does not sink the sweep
                 rows.append({"config": config.model_dump(), "error": str(error)})
                 continue
-            validate = _run_stage(validate_calibration, s, {**upstream, "train": train.ref})
+            validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest.ref, split.ref, train.ref))
             rows.append({"config": config.model_dump(), "lr": config.learning_rate, "train": train.ref["summary"],
                          "validate": validate.ref["summary"], "cached": train.cached, "train_path": train.ref["path"]})
         return record_sweep(str(s.root), str(data_path), data_sha256, rows)

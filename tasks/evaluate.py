@@ -1,4 +1,4 @@
-"""Validation metrics and inference, both through calc_forward with gradients off."""
+"""Validation metrics and inference, both through calc_forward with gradients off, in float64."""
 
 from __future__ import annotations
 
@@ -6,56 +6,73 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.model import calc_forward, least_squares
-from tasks.normalize import Normalizer
-
+from tasks.calibration import Calibration
+from tasks.model import least_squares, least_squares_fit
+from tasks.models import make_model
 
 # A run whose training loss is within 0.1% of the least-squares optimum of its training rows has
 # converged; further from it, the run still finishes but says so (more epochs, a larger --lr, or
 # normalized readings would close the gap).
 CONVERGED_GAP = 1e-3
+# the network has no closed-form optimum: its training loss is compared with the best
+# polynomials of these degrees on the same rows instead
+BASELINE_DEGREES = (1, 2, 3)
 
 
-def _params(w: float, b: float) -> torch.Tensor:
-    return torch.tensor([w, b], dtype=torch.float32)
+def best_polynomials(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """The least-squares MSE of the best polynomial of each degree in BASELINE_DEGREES on (x, y)."""
+    found = {}
+    for degree in BASELINE_DEGREES:
+        if len(np.unique(x)) <= degree:
+            continue
+        model = make_model(f"poly:{degree}").fit(x)
+        _, found[model.spec] = least_squares_fit(model.design(model.features(torch.from_numpy(x))).numpy(), y)
+    return found
 
 
-def _loss(params: torch.Tensor, x: np.ndarray, y: np.ndarray) -> float | None:
-    if len(x) == 0:
-        return None
-    _, loss = calc_forward(params, torch.from_numpy(x), torch.from_numpy(y), is_train=False)
-    return float(loss)
+def _optimum(cal: Calibration, raw_x: np.ndarray, y: np.ndarray) -> dict:
+    """The least-squares optimum of the calibration's model family on these rows, in float64."""
+    if cal.model.kind == "linear":
+        slope, intercept, mse = least_squares(raw_x, y)
+        return {"slope": slope, "intercept": intercept, "coefficients": [intercept, slope], "train_loss": mse}
+    features = cal.model.features(torch.from_numpy(cal.normalizer.apply64(raw_x)))
+    theta, mse = least_squares_fit(cal.model.design(features).numpy(), y)
+    return {"coefficients": cal.model.raw_coefficients(theta, cal.normalizer), "train_loss": mse}
 
 
-def predict_line64(w: float, b: float, normalizer: Normalizer, raw_x: np.ndarray) -> np.ndarray:
-    """The learned line in raw units, evaluated in float64."""
-    slope, intercept = normalizer.raw_calibration(w, b)
-    return slope * np.asarray(raw_x, dtype=np.float64) + intercept
-
-
-def evaluate_model(
-    w: float, b: float, normalizer: Normalizer, x_n: np.ndarray, raw_x: np.ndarray, y: np.ndarray,
-    train_idx: np.ndarray, val_idx: np.ndarray,
-) -> dict:
-    """Final train/validation MSE of the model, and its gap to the least-squares optimum of the training rows."""
-    params = _params(w, b)
-    y32 = y.astype(np.float32)
-    train_loss = _loss(params, x_n[train_idx], y32[train_idx])
-    val_loss = _loss(params, x_n[val_idx], y32[val_idx])
-    slope, intercept, optimum = least_squares(raw_x[train_idx], y[train_idx])
-    # the gap is measured in float64 on the learned line, so float32 rounding cannot make it negative
-    line = predict_line64(w, b, normalizer, raw_x[train_idx])
-    achieved = float(np.mean((line - y[train_idx]) ** 2))
-    return {
+def evaluate_model(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray) -> dict:
+    """Final train/validation MSE of the calibration and, for models linear in their parameters,
+    its gap to the least-squares optimum of the training rows; for the network, the best
+    polynomials' losses on the same rows. Losses and optimum come from one float64 evaluation."""
+    squared = (cal.predict(raw_x) - y) ** 2
+    train_loss = float(squared[train_idx].mean())
+    metrics = {
         "train_loss": train_loss,
-        "val_loss": val_loss,
+        "val_loss": float(squared[val_idx].mean()) if len(val_idx) else None,
         "train_rows": int(len(train_idx)),
         "val_rows": int(len(val_idx)),
-        "optimum": {"slope": slope, "intercept": intercept, "train_loss": optimum},
-        # relative excess of the training loss over the best any line can do on these rows
-        "gap_to_optimum": (gap := (achieved - optimum) / optimum if optimum > 0 else achieved - optimum),
-        "converged": bool(gap <= CONVERGED_GAP),
     }
+    if not cal.model.linear_in_params:
+        x = cal.normalizer.apply64(raw_x[train_idx])
+        return {**metrics, "optimum": None, "gap_to_optimum": None, "converged": None,
+                "baselines": best_polynomials(x, y[train_idx])}
+    optimum = _optimum(cal, raw_x[train_idx], y[train_idx])
+    # relative excess of the training loss over the best any model of this family can do on these rows
+    best = optimum["train_loss"]
+    gap = (train_loss - best) / best if best > 0 else train_loss - best
+    return {**metrics, "optimum": optimum, "gap_to_optimum": gap, "converged": bool(gap <= CONVERGED_GAP)}
+
+
+def warnings_for(metrics: dict, spec: str) -> list[str]:
+    """What the user should know about a finished training: not converged, or a network that fits
+    worse than a straight line."""
+    if metrics.get("converged") is False:
+        return [not_converged_message(metrics)]
+    line = (metrics.get("baselines") or {}).get("poly:1")
+    if line is not None and metrics["train_loss"] > line * (1 + CONVERGED_GAP):
+        return [f"{spec} fits the training rows worse than a straight line: training loss {metrics['train_loss']:.6f}, "
+                f"the best line's {line:.6f}; train longer (--epochs), change --lr, or use --model linear"]
+    return []
 
 
 def not_converged_message(metrics: dict) -> str:
@@ -66,20 +83,12 @@ def not_converged_message(metrics: dict) -> str:
     )
 
 
-def predict_celsius(w: float, b: float, normalizer: Normalizer, readings) -> np.ndarray:
-    """°C for raw readings: the persisted normalization, then the model, with no graph built."""
-    x_n = torch.from_numpy(normalizer.apply(np.asarray(readings, dtype=np.float64).reshape(-1)))
-    pred, _ = calc_forward(_params(w, b), x_n, None, is_train=False)
-    return pred.numpy().astype(np.float64)
-
-
-def predictions_table(
-    w: float, b: float, normalizer: Normalizer, raw_x: np.ndarray, y: np.ndarray, val_idx: np.ndarray
-) -> pd.DataFrame:
+def predictions_table(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, val_idx: np.ndarray) -> pd.DataFrame:
     """Every reading's fitted °C, residual (fitted - true) and subset (train or validation), row for
     row with the ingested table (which holds the readings themselves: not copied here)."""
-    fitted = predict_celsius(w, b, normalizer, raw_x).astype(np.float32)  # the model computes in float32
+    fitted = cal.predict(raw_x)
     codes = np.zeros(len(raw_x), dtype=np.int8)
     codes[val_idx] = 1
     subset = pd.Categorical.from_codes(codes, categories=["train", "validation"])
-    return pd.DataFrame({"fitted": fitted, "residual": fitted - y.astype(np.float32), "subset": subset})
+    # float32 columns: half the size on 10 million rows, and finer than any reference thermometer
+    return pd.DataFrame({"fitted": fitted.astype(np.float32), "residual": (fitted - y).astype(np.float32), "subset": subset})

@@ -19,16 +19,15 @@ class Normalizer:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Raw readings -> what the model sees (float32, as the seed's tensors)."""
-        return ((np.asarray(x, dtype=np.float64) - self.shift) * self.factor).astype(np.float32)
+        return self.apply64(x).astype(np.float32)
+
+    def apply64(self, x: np.ndarray) -> np.ndarray:
+        """The same in float64, for least squares and inference."""
+        return (np.asarray(x, dtype=np.float64) - self.shift) * self.factor
 
     def invert(self, x_n: np.ndarray) -> np.ndarray:
         """What the model sees -> raw readings."""
         return np.asarray(x_n, dtype=np.float64) / self.factor + self.shift
-
-    def raw_calibration(self, w: float, b: float) -> tuple[float, float]:
-        """The model's (w, b) as °C = slope * raw reading + intercept."""
-        slope = w * self.factor
-        return slope, b - slope * self.shift
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from tasks.report import calibration_markdown
+from tasks.report import calibration_formula, calibration_markdown
 from tasks.stages import CODE_MODULES, code_version
 from tasks.store import Store, atomic_write
 
@@ -38,25 +38,32 @@ def new_run_id(now: datetime) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{(flow_run.id or uuid.uuid4().hex).replace('-', '')[:8]}"
 
 
-def _publish(summary: dict, settings: dict) -> None:
+def _metrics_table(summary: dict) -> list[dict]:
     cal, opt = summary["calibration"], summary["optimum"]
-    create_table_artifact(
-        key=METRICS_KEY,
-        description="Final metrics and the calibration of this run",
-        table=[
-            {"metric": "slope (°C per reading)", "value": cal["slope"]},
-            {"metric": "intercept (°C)", "value": cal["intercept"]},
-            {"metric": "training loss (MSE)", "value": summary["train_loss"]},
-            {"metric": "validation loss (MSE)", "value": summary["val_loss"]},
-            {"metric": "least-squares optimum (MSE)", "value": opt["train_loss"]},
-            {"metric": "gap to optimum (relative)", "value": summary["gap_to_optimum"]},
-            {"metric": "converged", "value": summary["converged"]},
-            {"metric": "epochs", "value": summary["epochs_run"]},
-        ],
-    )
+    rows = [{"metric": "model", "value": summary["model"]["spec"]}]
+    if cal["kind"] == "linear":
+        rows += [{"metric": "slope (°C per reading)", "value": cal["slope"]}, {"metric": "intercept (°C)", "value": cal["intercept"]}]
+    elif cal["coefficients"] is not None:
+        rows += [{"metric": f"c{i} (°C per reading^{i})", "value": c} for i, c in enumerate(cal["coefficients"])]
+    rows += [{"metric": "training loss (MSE)", "value": summary["train_loss"]},
+             {"metric": "validation loss (MSE)", "value": summary["val_loss"]}]
+    if opt is not None:
+        rows += [{"metric": "least-squares optimum (MSE)", "value": opt["train_loss"]},
+                 {"metric": "gap to optimum (relative)", "value": summary["gap_to_optimum"]},
+                 {"metric": "converged", "value": summary["converged"]}]
+    rows += [{"metric": f"best {spec} (MSE)", "value": loss} for spec, loss in (summary.get("baselines") or {}).items()]
+    return rows + [{"metric": "epochs", "value": summary["epochs_run"]}]
+
+
+def _publish(summary: dict, settings: dict) -> None:
+    create_table_artifact(key=METRICS_KEY, description="Final metrics and the calibration of this run", table=_metrics_table(summary))
     png = Path(summary["report"]).read_bytes()
     image = f"data:image/png;base64,{base64.b64encode(png).decode()}"
     create_markdown_artifact(key=REPORT_KEY, description="thermocal calibration report", markdown=calibration_markdown(summary, settings, image, summary["stages"]))
+
+
+RESULTS = ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "baselines",
+           "warnings", "epochs_run", "stopped_by", "train_seconds", "predictions")
 
 
 @task(name="record-run", task_run_name="record-run")
@@ -71,13 +78,11 @@ def record_run(
     summary = {
         "run_id": run_id,
         "run_dir": str(s.run_dir(run_id)),
-        "model": {"w": train["w"], "b": train["b"]},
-        "calibration": {"slope": train["slope"], "intercept": train["intercept"]},
-        "train_loss": validate["train_loss"],
-        "val_loss": validate["val_loss"],
-        "optimum": validate["optimum"],
-        "gap_to_optimum": validate["gap_to_optimum"],
-        "converged": validate["converged"],
+        "model": train["model"],
+        "calibration": train["calibration"],
+        **{k: validate.get(k) for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged")},
+        **({"baselines": validate["baselines"]} if validate.get("baselines") is not None else {}),
+        "warnings": validate.get("warnings", []),
         "epochs_run": train["epochs_run"],
         "stopped_by": train["stopped_by"],
         "train_seconds": train["train_seconds"],
@@ -104,7 +109,7 @@ def record_run(
             name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"], "seconds": run["seconds"]}
             for name, run in stages.items()
         },
-        "results": {k: summary[k] for k in ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "epochs_run", "stopped_by", "train_seconds", "predictions")},
+        "results": {k: summary[k] for k in RESULTS if k in summary},
     }
     s.write_manifest(run_id, manifest)
     _publish(summary, {**settings, **{f"{k} (used)": v for k, v in effective.items()}})
@@ -119,7 +124,8 @@ def comparison_rows(results: list[dict]) -> list[dict]:
     rows = []
     for result in results:
         config = result["config"]
-        row = {"strategy": config["strategy"] + (f"/{config['optimizer']}" if config["strategy"] == "optimizer" else ""),
+        row = {"model": config["model"],
+               "strategy": config["strategy"] + (f"/{config['optimizer']}" if config["strategy"] == "optimizer" else ""),
                "lr": result.get("lr", config["lr"]), "normalization": config["normalize"]}
         if "error" in result:
             rows.append({**row, "status": "failed", "error": result["error"]})
@@ -128,7 +134,7 @@ def comparison_rows(results: list[dict]) -> list[dict]:
         rows.append({
             **row, "status": "ok", "train_loss": validate["train_loss"], "val_loss": validate["val_loss"],
             "gap_to_optimum": validate["gap_to_optimum"], "epochs": train["epochs_run"], "stopped_by": train["stopped_by"],
-            "seconds": train["train_seconds"], "slope": train["slope"], "intercept": train["intercept"],
+            "seconds": train["train_seconds"], "calibration": calibration_formula(train["calibration"]) or "(network: see train_path)",
             "cached": result["cached"], "train_path": result["train_path"],
         })
     return rows

@@ -11,8 +11,33 @@ import pandas as pd
 PLOT_POINTS = 2000  # a scatter of millions of points takes minutes and shows nothing more
 
 
-def plot_calibration(path: Path, table: pd.DataFrame, slope: float, intercept: float, train_loss: np.ndarray, val_loss: np.ndarray | None) -> None:
-    """Readings as points with the fitted line (raw units), and the loss curves, as one PNG.
+_SUPERSCRIPT = str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _signed(value: float, text: str) -> str:
+    """' + text' or ' − text' (a true minus sign, spaced like the plus)."""
+    return f" {'−' if value < 0 else '+'} {text}"
+
+
+def calibration_formula(calibration: dict, reading: str = "reading") -> str | None:
+    """'°C = 0.248945 × reading − 2.715886' for the line; ascending powers for a polynomial
+    ('°C = −2.1 + 0.25 × reading + 3.1e-05 × reading²'); None for the network."""
+    if calibration.get("kind", "linear") == "linear":  # runs recorded before model families carry no kind
+        slope, intercept = calibration["slope"], calibration["intercept"]
+        return f"°C = {slope:.6f} × {reading}{_signed(intercept, f'{abs(intercept):.6f}')}"
+    coefficients = calibration["coefficients"]
+    if coefficients is None:
+        return None
+    text = f"°C = {coefficients[0]:.7g}".replace("-", "−")
+    for power, c in enumerate(coefficients[1:], start=1):
+        term = f"{abs(c):.7g} × {reading}" + (str(power).translate(_SUPERSCRIPT) if power > 1 else "")
+        text += _signed(c, term)
+    return text
+
+
+def plot_calibration(path: Path, table: pd.DataFrame, predict, calibrated_range, train_loss: np.ndarray, val_loss: np.ndarray | None) -> None:
+    """Readings as points with the fitted curve (raw units, dense over the calibrated range; dashed
+    where the data reach beyond it), and the loss curves, as one PNG.
 
     `table` has columns reading, celsius and subset; past PLOT_POINTS rows a seeded sample is drawn.
     """
@@ -29,8 +54,13 @@ def plot_calibration(path: Path, table: pd.DataFrame, slope: float, intercept: f
         rows = table[table["subset"] == subset]
         if len(rows):
             left.plot(rows["reading"], rows["celsius"], marker, label=f"{subset} readings")
-    xs = np.linspace(*full_range, 100)
-    left.plot(xs, slope * xs + intercept, "-", label=f"°C = {slope:.4f} × reading {intercept:+.4f}")
+    low, high = calibrated_range
+    xs = np.linspace(low, high, 400)
+    left.plot(xs, predict(xs), "-", color="tab:green", label="calibration (fitted)")
+    for start, end in ((full_range[0], low), (high, full_range[1])):
+        if end > start:
+            beyond = np.linspace(start, end, 50)
+            left.plot(beyond, predict(beyond), "--", color="tab:green", label="outside the calibrated range")
     left.set_xlabel("Reading (instrument units)")
     left.set_ylabel("Temperature (°Celsius)")
     left.set_title("Calibration")
@@ -49,25 +79,37 @@ def plot_calibration(path: Path, table: pd.DataFrame, slope: float, intercept: f
     plt.close(fig)
 
 
+def _table_markdown(rows: list[dict]) -> str:
+    return "| reading | °C |\n|---|---|\n" + "\n".join(f"| {r['reading']:.6g} | {r['celsius']:.4f} |" for r in rows)
+
+
 def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict | None = None) -> str:
-    """A readable report: the calibration in raw units, the losses, the gap to least squares, the
-    settings, where each stage's output lives and whether it was cached, and the plot at `image`."""
+    """A readable report: the calibration in raw units, the losses, the gap to least squares (or,
+    for the network, the best polynomials), the settings, where each stage's output lives and
+    whether it was cached, and the plot at `image`."""
     cal, opt = summary["calibration"], summary["optimum"]
     val = "n/a (no validation split)" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
-    rows = [
-        ("training loss (MSE)", f"{summary['train_loss']:.6f}"),
-        ("validation loss (MSE)", val),
-        ("least-squares optimum on the training rows (MSE)", f"{opt['train_loss']:.6f}"),
-        ("gap to the optimum (relative)", f"{summary['gap_to_optimum']:.3e}"),
-        ("converged (gap at most 0.1%)", "yes" if summary["converged"] else "**no**"),
-        ("model w, b (on normalized readings)", f"{summary['model']['w']:.6f}, {summary['model']['b']:.6f}"),
-        ("epochs", str(summary["epochs_run"])),
-    ]
+    rows = [("model", f"`{summary['model']['spec']}`"), ("training loss (MSE)", f"{summary['train_loss']:.6f}"),
+            ("validation loss (MSE)", val)]
+    if opt is not None:
+        rows += [
+            ("least-squares optimum on the training rows (MSE)", f"{opt['train_loss']:.6f}"),
+            ("gap to the optimum (relative)", f"{summary['gap_to_optimum']:.3e}"),
+            ("converged (gap at most 0.1%)", "yes" if summary["converged"] else "**no**"),
+        ]
+    for spec, loss in (summary.get("baselines") or {}).items():
+        rows.append((f"best {spec} on the training rows (MSE)", f"{loss:.6f}"))
+    if "w" in summary["model"]:
+        rows.append(("model w, b (on normalized readings)", f"{summary['model']['w']:.6f}, {summary['model']['b']:.6f}"))
+    rows.append(("epochs", str(summary["epochs_run"])))
     if "train_rows" in summary:
         rows.append(("rows (training / validation)", f"{summary['train_rows']} / {summary['val_rows']}"))
-    parts = [
-        "# thermocal calibration",
-        f"**°C = {cal['slope']:.6f} × reading {cal['intercept']:+.6f}**",
+    rows.append(("calibrated range (training readings)", f"{cal['range'][0]:g} to {cal['range'][1]:g}"))
+    formula = calibration_formula(cal)
+    parts = ["# thermocal calibration", f"**{formula}**" if formula else "**°C at readings across the calibrated range**"]
+    if formula is None:
+        parts.append(_table_markdown(cal["table"]))
+    parts += [
         "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows),
         "## Settings",
         "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in settings.items()),
@@ -83,23 +125,30 @@ def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict
 
 
 def plot_comparison(path: Path, rows: list[dict]) -> None:
-    """A sweep at a glance: each training's gap to the least-squares optimum (log scale)."""
+    """A sweep at a glance: each training's training and validation loss side by side (log scale),
+    so a model that only fits its training rows stands out from one that generalizes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['strategy']} · {r['normalization']} · lr {r['lr']:g}" for r in rows]
-    gaps = [max(r["gap_to_optimum"], 1e-16) if r["status"] == "ok" else float("nan") for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 0.4 * len(rows) + 1.5), dpi=100)
-    ax.barh(range(len(rows)), gaps, color=["tab:blue" if r["status"] == "ok" else "tab:red" for r in rows])
-    for i, r in enumerate(rows):
-        if r["status"] != "ok":
-            ax.text(1e-16, i, " failed (diverged)", va="center", color="tab:red")
-    ax.set_yticks(range(len(rows)), labels)
+    labels = [f"{r['model']} · {r['strategy']} · {r['normalization']} · lr {r['lr']:g}" for r in rows]
+    ok = [r["status"] == "ok" for r in rows]
+    train = [r["train_loss"] if good else float("nan") for r, good in zip(rows, ok)]
+    val = [r["val_loss"] if good and r["val_loss"] is not None else float("nan") for r, good in zip(rows, ok)]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5), dpi=100)
+    at = np.arange(len(rows))
+    ax.barh(at - 0.2, train, height=0.4, color="tab:blue", label="training loss")
+    ax.barh(at + 0.2, val, height=0.4, color="tab:orange", label="validation loss")
+    finite = [v for v in train + val if np.isfinite(v) and v > 0]
+    for i, good in enumerate(ok):
+        if not good:
+            ax.text(min(finite, default=1.0), i, " failed (diverged)", va="center", color="tab:red")
+    ax.set_yticks(at, labels)
     ax.set_xscale("log")
-    ax.set_xlabel("gap to the least-squares optimum (relative training loss)")
+    ax.set_xlabel("MSE (°C²)")
     ax.invert_yaxis()
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

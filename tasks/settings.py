@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
+from tasks.models import SPEC_PATTERN, VALID_FORMS, canonical_spec, default_lr
 from tasks.strategies import optimizer_names
 
 Strategy = Literal["finite-difference", "analytic", "autograd", "optimizer"]
@@ -15,46 +16,58 @@ Normalization = Literal["none", "scale", "standard"]
 # torch.optim's optimizers by lowercase name; the CLI and the API accept any case
 OptimizerName = Annotated[Literal[tuple(optimizer_names())], BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
 
+# a model family and its size: linear, poly:K, mlp:H (tasks.models); written as the user likes
+# ("Poly:3 "), kept in its canonical form; the JSON schema's pattern lets the server refuse a bad one
+ModelSpec = Annotated[str, Field(pattern=SPEC_PATTERN), BeforeValidator(lambda v: canonical_spec(v) if isinstance(v, str) else v)]
+
 STRATEGIES: tuple[str, ...] = Strategy.__args__
 NORMALIZATIONS: tuple[str, ...] = Normalization.__args__
 
-
-# With z-scored readings the Hessian of the MSE is about 2·I, so lr 0.5 is nearly a Newton step;
-# the seed's x0.1 readings need its 1e-2; raw readings diverge above about 2e-4.
-AUTO_LR = {"standard": 0.5, "scale": 1e-2, "none": 1e-4}
 AUTO_TOL = 1e-6  # a converged float32 loss jitters by about 1e-7 (finite differences): stop above that
 MAX_EPOCHS = 5000
 
 
 class CalibrationSettings(BaseModel):
-    """Every option of a calibration run; each stage keys its cache on the fields it reads."""
+    """Every option of a calibration run; each stage keys its cache on the fields it reads.
+
+    This model is the one source of the run options: `thermocal run/serve/sweep` derive each flag
+    (`--val-fraction` from `val_fraction`), its type, choices, default and help from the fields
+    below; the flows take it as a typed parameter, so the Prefect UI's form and API offer and check
+    the same fields. A field's description is its help text; the CLI adds "(default: ...)" unless
+    the description explains an empty default itself.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # ingest: the CSV's column names for the instrument's reading and the true temperature
-    reading_column: str = Field("reading", min_length=1, description="CSV column of the instrument's readings")
-    celsius_column: str = Field("celsius", min_length=1, description="CSV column of the true temperatures in °C")
+    reading_column: str = Field("reading", min_length=1, description="column of instrument readings")
+    celsius_column: str = Field("celsius", min_length=1, description="column of true °C")
+    # the model family: the seed's line by default
+    model: ModelSpec = Field("linear", description=f"model to fit: {VALID_FORMS}")
     # normalize: z-score by default, which makes the loss well conditioned;
     # "scale" with 0.1 is the seed's own choice (t_un = 0.1 * t_u)
-    normalize: Normalization = Field("standard", description="none; scale (x × scale); standard (z-score)")
-    scale: float = Field(0.1, description="factor of normalize=scale; not 0")
+    normalize: Normalization = Field("standard", description="input normalization")
+    scale: float = Field(0.1, description="factor for --normalize scale")
     # split: the seed holds out int(0.2 * n) rows; 0 trains on every row and skips validation
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of rows held out for validation, in [0, 1)")
-    seed: int = Field(42, description="seed of the train/validation split")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share held out for validation, in [0, 1); 0 trains on all rows")
+    seed: int = Field(42, description="seed of the split (and of the network's initial parameters and mini-batch order)")
     # train: the seed's hand-derived gradient, learning rate and epoch count
     strategy: Strategy = Field("analytic", description="how the gradient is computed")
-    optimizer: OptimizerName = Field("sgd", description="torch.optim optimizer, used by strategy=optimizer")
-    lr: float | None = Field(None, gt=0.0, description="learning rate; empty: 0.5 with standard, 0.01 with scale, 1e-4 with none")
-    epochs: int | None = Field(None, gt=0, description=f"epochs to train; empty: until the loss settles (tol), at most {MAX_EPOCHS}")
-    tol: float | None = Field(
-        None, ge=0.0, description="stop when the training loss stays within this relative band for `patience` epochs; "
-        f"0: never; empty: {AUTO_TOL:g} without epochs, 0 with them",
+    optimizer: OptimizerName = Field("sgd", description="torch.optim optimizer for --strategy optimizer, any case")
+    lr: float | None = Field(
+        None, gt=0.0, description="learning rate (default: by model and normalization: linear 0.5 with --normalize standard, "
+        "0.01 with scale, 1e-4 with none; poly 0.5; mlp 0.01, 1e-3, 1e-5)",
     )
-    patience: int = Field(10, gt=0, description="epochs the loss must stay within tol")
-    val_patience: int = Field(0, ge=0, description="stop when the validation loss has not improved for N epochs, keeping its best; 0: never")
-    batch_size: int | None = Field(None, gt=0, description="rows per mini-batch step; empty: full batch")
-    # the loss is quadratic in (w, b), so central differences are exact for any delta
-    delta: float = Field(0.1, gt=0.0, description="finite-difference step")
+    epochs: int | None = Field(None, gt=0, description=f"train exactly this many epochs (default: until the loss settles, at most {MAX_EPOCHS})")
+    tol: float | None = Field(
+        None, ge=0.0, description="stop once the training loss stays within this relative band for --patience epochs; "
+        f"0: never (default: {AUTO_TOL:g} without --epochs, 0 with it)",
+    )
+    patience: int = Field(10, gt=0, description="epochs of --tol")
+    val_patience: int = Field(0, ge=0, description="stop when the validation loss has not improved for N epochs, keeping its best parameters; 0: never")
+    batch_size: int | None = Field(None, gt=0, description="rows per mini-batch step (default: the whole training set)")
+    # the line's and the polynomials' losses are quadratic, so central differences are exact for any delta
+    delta: float = Field(0.1, gt=0.0, description="step of --strategy finite-difference")
     log_every: int = Field(500, gt=0, description="log epochs 1-3, then every N")
 
     @field_validator("scale", "lr", "delta", "tol")
@@ -73,8 +86,8 @@ class CalibrationSettings(BaseModel):
 
     @property
     def learning_rate(self) -> float:
-        """The learning rate to use: --lr, or the one suited to the normalization."""
-        return self.lr if self.lr is not None else AUTO_LR[self.normalize]
+        """The learning rate to use: --lr, or the one suited to the model and the normalization."""
+        return self.lr if self.lr is not None else default_lr(self.model, self.normalize)
 
     @property
     def max_epochs(self) -> int:
@@ -94,11 +107,11 @@ class CalibrationSettings(BaseModel):
         return self
 
 
-def sweep_grid(settings: CalibrationSettings, strategies, lrs, normalizations) -> list[CalibrationSettings]:
-    """Every (normalization, strategy, lr) combination, the other settings as given, each validated."""
+def sweep_grid(settings: CalibrationSettings, strategies, lrs, normalizations, models=None) -> list[CalibrationSettings]:
+    """Every (model, normalization, strategy, lr) combination, the other settings as given, each validated."""
     return [
-        CalibrationSettings.model_validate({**settings.model_dump(), "normalize": n, "strategy": st, "lr": lr})
-        for n in normalizations for st in strategies for lr in lrs
+        CalibrationSettings.model_validate({**settings.model_dump(), "model": m, "normalize": n, "strategy": st, "lr": lr})
+        for m in (models or [settings.model]) for n in normalizations for st in strategies for lr in lrs
     ]
 
 

@@ -21,8 +21,10 @@ import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.evaluate import evaluate_model, not_converged_message, predictions_table, predict_celsius
+from tasks.calibration import Calibration
+from tasks.evaluate import evaluate_model, predictions_table, warnings_for
 from tasks.ingest import CELSIUS, READING, load_readings
+from tasks.models import make_model
 from tasks.normalize import Normalizer, fit_normalizer
 from tasks.report import calibration_markdown, plot_calibration
 from tasks.split import split_indices
@@ -151,42 +153,57 @@ def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed
     return Store(store).write_stage("split", key, files, {"train_rows": len(train_idx), "val_rows": len(val_idx)})
 
 
-def _inputs(store: Store, ingest: dict, normalize: dict, split: dict):
-    """The ingested table, the normalization and the split, each verified against its hash."""
-    return store.load(ingest), store.load(normalize), store.load(split)
+def _rows(store: Store, ingest: dict, split: dict):
+    """The ingested readings and °C (float64) and the split's indices, each verified against its hash."""
+    table, idx = store.load(ingest), store.load(split)
+    return table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
 
 
-@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.normalize", "tasks.errors"))
+def _calibration(store: Store, train: dict) -> Calibration:
+    return Calibration.from_record(store.load(train)["model"])
+
+
+def model_summary(calibration: Calibration) -> dict:
+    """The trained model as JSON: its spec and named parameters (nested lists, on normalized
+    readings); the line keeps the seed's w and b beside them."""
+    parameters = {name: array.tolist() for name, array in calibration.model.unpack(calibration.theta).items()}
+    out = {"spec": calibration.model.spec, "parameters": parameters}
+    return {**parameters, **out} if calibration.model.kind == "linear" else out
+
+
+@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.errors"))
 def train_calibration(
-    store: str, key: str, ingest: dict, normalize: dict, split: dict,
+    store: str, key: str, ingest: dict, normalize: dict, split: dict, model: str,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
     tol: float, patience: int, val_patience: int, batch_size: int | None, seed: int, log_every: int,
 ) -> dict:
     """Gradient descent on the training rows, validation loss every epoch."""
     s = Store(store)
-    table, norm, idx = _inputs(s, ingest, normalize, split)
-    x = torch.from_numpy(norm["x"])
-    y = torch.from_numpy(table[CELSIUS].to_numpy(np.float32))
-    train_idx, val_idx = torch.from_numpy(idx["train"]).long(), torch.from_numpy(idx["validation"]).long()
-    x_train, y_train, x_val, y_val = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
-    normalizer = Normalizer(**norm["normalizer"])
-    del table, norm, idx, x, y  # only the training and validation rows stay in memory
+    raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
+    normalizer = Normalizer(**s.load(normalize)["normalizer"])
+    x_train, x_val = normalizer.apply64(raw[train_idx]), normalizer.apply64(raw[val_idx])
+    fitted = make_model(model).fit(x_train)  # constants from the training rows only (the polynomial basis)
+    # the model reads float32, as the seed's tensors; its features are computed once, in float64
+    f_train, f_val = (fitted.features(torch.from_numpy(x)).float() for x in (x_train, x_val))
+    y_train, y_val = (torch.from_numpy(celsius[i].astype(np.float32)) for i in (train_idx, val_idx))
+    calibrated_range = (float(raw[train_idx].min()), float(raw[train_idx].max()))
+    del raw, celsius, x_train, x_val  # only the training and validation rows stay in memory
     progress = TrainingProgress(epochs)
     started = time.perf_counter()
     result = train_model(
-        x_train, y_train, x_val, y_val,
+        f_train, y_train, f_val, y_val, model=fitted,
         strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
         stopping=Stopping(tol=tol, patience=patience, val_patience=val_patience), batch_size=batch_size, seed=seed,
         log_every=log_every, log=get_run_logger().info, progress=progress,
     )
     seconds = time.perf_counter() - started
     progress.finish()
-    slope, intercept = normalizer.raw_calibration(result.w, result.b)
-    settings = {"strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta, "tol": tol,
-                "patience": patience, "val_patience": val_patience, "batch_size": batch_size, "seed": seed}
+    calibration = Calibration(fitted, result.params, normalizer, calibrated_range)
+    settings = {"model": model, "strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta,
+                "tol": tol, "patience": patience, "val_patience": val_patience, "batch_size": batch_size, "seed": seed}
     output = {
-        "params": {"w": result.w, "b": result.b},
-        "calibration": {"slope": slope, "intercept": intercept},
+        "model": calibration.to_record(),
+        "calibration": calibration.summary(),
         "settings": settings,
         "history": {"train_loss": result.train_loss, "val_loss": result.val_loss},
         "epochs_run": result.epochs_run,
@@ -196,71 +213,60 @@ def train_calibration(
     if result.val_loss is not None:
         history["val_loss"] = result.val_loss
     files = {"train.joblib": _joblib(output), "loss_history.csv": _csv(history)}
-    summary = {"w": result.w, "b": result.b, "slope": slope, "intercept": intercept, "epochs_run": result.epochs_run,
+    summary = {"model": model_summary(calibration), "calibration": output["calibration"], "epochs_run": result.epochs_run,
                "stopped_by": result.stopped_by, "train_seconds": seconds}
     return s.write_stage("train", key, files, summary)
 
 
-@_stage("validate", ("tasks.evaluate", "tasks.model", "tasks.normalize"))
-def validate_calibration(store: str, key: str, ingest: dict, normalize: dict, split: dict, train: dict) -> dict:
-    """Final losses with gradients off, and the gap to the least-squares optimum."""
+@_stage("validate", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize"))
+def validate_calibration(store: str, key: str, ingest: dict, split: dict, train: dict) -> dict:
+    """Final losses with gradients off, and the gap to the least-squares optimum (or, for the
+    network, the best polynomials' losses)."""
     s = Store(store)
-    table, norm, idx = _inputs(s, ingest, normalize, split)
-    params = s.load(train)["params"]
-    metrics = evaluate_model(
-        params["w"], params["b"], Normalizer(**norm["normalizer"]), norm["x"],
-        table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"],
-    )
-    if not metrics["converged"]:
-        get_run_logger().warning(not_converged_message(metrics))
+    raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
+    calibration = _calibration(s, train)
+    metrics = evaluate_model(calibration, raw, celsius, train_idx, val_idx)
+    metrics["warnings"] = warnings_for(metrics, calibration.model.spec)
+    for warning in metrics["warnings"]:
+        get_run_logger().warning(warning)
     files = {"validate.joblib": _joblib(metrics), "metrics.json": _json(metrics)}
     return s.write_stage("validate", key, files, metrics)
 
 
-@_stage("infer", ("tasks.evaluate", "tasks.model", "tasks.normalize"))
-def infer_celsius(store: str, key: str, ingest: dict, normalize: dict, split: dict, train: dict, readings: list[float]) -> dict:
+@_stage("infer", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize"))
+def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, readings: list[float]) -> dict:
     """°C for every reading of the dataset and for the new readings asked."""
     s = Store(store)
-    table, norm, idx = _inputs(s, ingest, normalize, split)
-    params = s.load(train)["params"]
-    normalizer = Normalizer(**norm["normalizer"])
-    dataset = predictions_table(
-        params["w"], params["b"], normalizer, table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["validation"]
-    )
+    raw, celsius, _, val_idx = _rows(s, ingest, split)
+    calibration = _calibration(s, train)
+    dataset = predictions_table(calibration, raw, celsius, val_idx)
     new = pd.DataFrame({"reading": np.asarray(readings, dtype=np.float64)})
-    new["celsius"] = predict_celsius(params["w"], params["b"], normalizer, new["reading"].to_numpy())
+    new["celsius"] = calibration.predict(new["reading"].to_numpy())
     files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "new_predictions.csv": _csv(new)}
     if len(dataset) <= READABLE_ROWS:
-        files["predictions.csv"] = _csv(pd.concat([table, dataset], axis=1))
+        files["predictions.csv"] = _csv(pd.concat([s.load(ingest), dataset], axis=1))
     return s.write_stage("infer", key, files, {"new": new.to_dict(orient="records")})
 
 
-@_stage("report", ("tasks.report",))
+@_stage("report", ("tasks.report", "tasks.calibration", "tasks.models"))
 def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, infer: dict, settings: dict) -> dict:
     """The seed's plot and a markdown summary."""
     s = Store(store)
     trained, metrics, predictions = s.load(train), s.load(validate), s.load(infer)
+    calibration = Calibration.from_record(trained["model"])
     points = pd.concat([s.load(ingest), predictions["dataset"]["subset"]], axis=1)
     summary = {
-        "model": trained["params"],
+        "model": model_summary(calibration),
         "calibration": trained["calibration"],
-        "train_loss": metrics["train_loss"],
-        "val_loss": metrics["val_loss"],
-        "optimum": metrics["optimum"],
-        "gap_to_optimum": metrics["gap_to_optimum"],
-        "converged": metrics["converged"],
+        **{k: metrics[k] for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "train_rows", "val_rows")},
+        "baselines": metrics.get("baselines"),
         "epochs_run": trained["epochs_run"],
-        "train_rows": metrics["train_rows"],
-        "val_rows": metrics["val_rows"],
         "settings": settings,
     }
     history = trained["history"]
     files = {
         "report.joblib": _joblib(summary),
-        "report.png": lambda path: plot_calibration(
-            path, points, trained["calibration"]["slope"], trained["calibration"]["intercept"],
-            history["train_loss"], history["val_loss"],
-        ),
+        "report.png": lambda path: plot_calibration(path, points, calibration.predict, calibration.range, history["train_loss"], history["val_loss"]),
         "report.md": lambda path: path.write_text(calibration_markdown(summary, settings, "report.png")),
     }
     return s.write_stage("report", key, files, {})

@@ -1,9 +1,10 @@
-"""The seed's four ways to descend the gradient, behind one interface: a stepper.
+"""The seed's four ways to descend the gradient, behind one interface: a stepper, for any model.
 
-A stepper holds the parameters [w, b] and offers `loss_and_gradient(x, y)` (at the current
-parameters, nothing updated) and `step(x, y)` (one update, returning the loss before it).
-`make_stepper` picks one from STEPPERS by the strategy's name; a new strategy registers there
-and joins the gradient-agreement tests.
+A stepper holds the packed parameters theta of a model (tasks.models) and offers
+`loss_and_gradient(f, y)` (at the current parameters, nothing updated) and `step(f, y)` (one
+update, returning the loss before it); `f` is what the model's forward reads. `make_stepper` picks
+one from STEPPERS by the strategy's name; a new strategy registers there and joins the
+gradient-agreement tests, which run over every strategy and every model family.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import inspect
 
 import torch
 
-from tasks.model import loss_fn, model
+from tasks.model import loss_fn
 
 # torch.optim classes that cannot train a 1-D parameter vector with dense gradients.
 _UNUSABLE_OPTIMIZERS = {"optimizer", "sparseadam", "muon"}
+# finite differences evaluate every shifted parameter point at once; past this many numbers in
+# one evaluation (points x rows x the model's width) the points go in slices of that size
+FD_BUDGET = 1 << 24
 
 
 @functools.cache
@@ -34,58 +38,55 @@ def optimizer_names() -> list[str]:
 
 
 class Stepper:
-    """Plain gradient descent: params <- params - lr * gradient."""
+    """Plain gradient descent: theta <- theta - lr * gradient."""
 
-    def __init__(self, params: torch.Tensor, lr: float):
+    def __init__(self, model, params: torch.Tensor, lr: float):
+        self.model = model
         self.params = params.detach().clone()
         self.lr = lr
 
-    def loss_and_gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_gradient(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss, grad = self.loss_and_gradient(x, y)
+    def step(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss, grad = self.loss_and_gradient(f, y)
         self.params.sub_(grad, alpha=self.lr)  # no graph here: these parameters do not require grad
         return loss
 
 
 class AnalyticStepper(Stepper):
-    """The hand-derived gradient of the MSE of w * x + b."""
+    """The model's hand-derived gradient (tasks.models: each family derives its own)."""
 
-    def loss_and_gradient(self, x, y):
-        w, b = self.params
-        pred = model(x, w, b)
-        residual = pred - y
-        # dL/dpred = 2 (pred - y) / n; dpred/dw = x, dpred/db = 1, and the sums over rows undo the
-        # broadcast of w and b: dL/dw = 2/n sum(r x) (a dot product), dL/db = 2/n sum(r)
-        grad = torch.stack([torch.dot(residual, x), residual.sum()]) * (2.0 / pred.size(0))
-        return loss_fn(pred, y), grad
-
-
-def loss_fn_rows(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The MSE of each row of `pred` against `target`."""
-    return ((pred - target) ** 2).mean(dim=1)
+    def loss_and_gradient(self, f, y):
+        return self.model.loss_and_gradient(self.params, f, y)
 
 
 class FiniteDifferenceStepper(Stepper):
-    """Central differences: dL/dp_i = (L(p + d e_i) - L(p - d e_i)) / 2d for each parameter.
+    """Central differences: dL/dp_i = (L(p + d e_i) - L(p - d e_i)) / 2d for every parameter.
 
-    The loss at p and at the four shifted points are evaluated at once, as five rows of one
-    broadcast model evaluation: fewer, larger tensor operations than five separate ones.
+    The loss at p and at the 2P shifted points are evaluated as the rows of one batched forward
+    (theta of shape (2P + 1, P)), not a loop over parameters; only when that evaluation would
+    exceed FD_BUDGET numbers (a wide network on many rows) do the points go in slices.
     """
 
-    def __init__(self, params, lr, delta: float):
-        super().__init__(params, lr)
+    def __init__(self, model, params, lr, delta: float):
+        super().__init__(model, params, lr)
         self.delta = delta
-        shifts = torch.eye(params.numel(), dtype=params.dtype) * delta
-        # rows: p, p + d e_w, p - d e_w, p + d e_b, p - d e_b  -> shape (5, 2)
-        self.offsets = torch.cat([torch.zeros(1, params.numel(), dtype=params.dtype),
-                                  torch.stack([shifts, -shifts], dim=1).reshape(-1, params.numel())])
+        count = params.numel()
+        shifts = torch.eye(count, dtype=params.dtype) * delta
+        # rows: p, p + d e_0, p - d e_0, p + d e_1, p - d e_1, ...  -> shape (2P + 1, P)
+        self.offsets = torch.cat([torch.zeros(1, count, dtype=params.dtype),
+                                  torch.stack([shifts, -shifts], dim=1).reshape(-1, count)])
 
-    def loss_and_gradient(self, x, y):
-        points = self.params + self.offsets  # (5, 2)
-        pred = model(x, points[:, :1], points[:, 1:])  # (5, rows): each row one parameter point
-        losses = loss_fn_rows(pred, y)  # (5,)
+    def _losses(self, points, f, y):
+        per_point = len(y) * self.model.width
+        chunk = max(1, FD_BUDGET // max(per_point, 1))
+        if chunk >= len(points):
+            return ((self.model.forward(points, f) - y) ** 2).mean(dim=1)
+        return torch.cat([((self.model.forward(part, f) - y) ** 2).mean(dim=1) for part in points.split(chunk)])
+
+    def loss_and_gradient(self, f, y):
+        losses = self._losses(self.params + self.offsets, f, y)  # (2P + 1,)
         grad = (losses[1::2] - losses[2::2]) / (2.0 * self.delta)
         return losses[0], grad
 
@@ -93,19 +94,19 @@ class FiniteDifferenceStepper(Stepper):
 class AutogradStepper(Stepper):
     """backward() fills params.grad; zeroed every epoch, since gradients accumulate."""
 
-    def __init__(self, params, lr):
-        super().__init__(params, lr)
+    def __init__(self, model, params, lr):
+        super().__init__(model, params, lr)
         self.params.requires_grad_(True)
         self.no_grad = torch.no_grad()  # one context object, entered every epoch
 
-    def loss_and_gradient(self, x, y):
+    def loss_and_gradient(self, f, y):
         self.params.grad = None  # zeroed as torch.optim's zero_grad does: dropped, refilled by backward
-        loss = loss_fn(model(x, *self.params), y)
+        loss = loss_fn(self.model.forward(self.params, f), y)
         loss.backward()
         return loss.detach(), self.params.grad
 
-    def step(self, x, y):
-        loss, grad = self.loss_and_gradient(x, y)
+    def step(self, f, y):
+        loss, grad = self.loss_and_gradient(f, y)
         with self.no_grad:  # the update is not part of the graph
             self.params -= self.lr * grad
         return loss
@@ -114,33 +115,33 @@ class AutogradStepper(Stepper):
 class OptimizerStepper(AutogradStepper):
     """A torch.optim optimizer owns the update (zero_grad, backward, step)."""
 
-    def __init__(self, params, lr, optimizer: str):
-        super().__init__(params, lr)
+    def __init__(self, model, params, lr, optimizer: str):
+        super().__init__(model, params, lr)
         self.optimizer = _optimizer_classes()[optimizer.lower()]([self.params], lr=lr)
         self.needs_closure = isinstance(self.optimizer, torch.optim.LBFGS)  # it evaluates the loss several times
 
-    def _closure(self, x, y):
+    def _closure(self, f, y):
         self.optimizer.zero_grad()
-        loss = loss_fn(model(x, *self.params), y)
+        loss = loss_fn(self.model.forward(self.params, f), y)
         loss.backward()
         return loss
 
-    def step(self, x, y):
+    def step(self, f, y):
         if self.needs_closure:
-            return self.optimizer.step(lambda: self._closure(x, y)).detach()
-        loss = self._closure(x, y)
+            return self.optimizer.step(lambda: self._closure(f, y)).detach()
+        loss = self._closure(f, y)
         self.optimizer.step()
         return loss.detach()
 
 
 STEPPERS = {
-    "finite-difference": lambda params, lr, delta, optimizer: FiniteDifferenceStepper(params, lr, delta),
-    "analytic": lambda params, lr, delta, optimizer: AnalyticStepper(params, lr),
-    "autograd": lambda params, lr, delta, optimizer: AutogradStepper(params, lr),
-    "optimizer": lambda params, lr, delta, optimizer: OptimizerStepper(params, lr, optimizer),
+    "finite-difference": lambda model, params, lr, delta, optimizer: FiniteDifferenceStepper(model, params, lr, delta),
+    "analytic": lambda model, params, lr, delta, optimizer: AnalyticStepper(model, params, lr),
+    "autograd": lambda model, params, lr, delta, optimizer: AutogradStepper(model, params, lr),
+    "optimizer": lambda model, params, lr, delta, optimizer: OptimizerStepper(model, params, lr, optimizer),
 }
 
 
-def make_stepper(strategy: str, params: torch.Tensor, lr: float, delta: float = 0.1, optimizer: str = "sgd") -> Stepper:
-    """The stepper for `strategy`, starting from a copy of `params`."""
-    return STEPPERS[strategy](params, lr, delta, optimizer)
+def make_stepper(strategy: str, model, params: torch.Tensor, lr: float, delta: float = 0.1, optimizer: str = "sgd") -> Stepper:
+    """The stepper for `strategy` training `model`, starting from a copy of `params`."""
+    return STEPPERS[strategy](model, params, lr, delta, optimizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -9,24 +10,31 @@ import numpy as np
 import torch
 
 from tasks.errors import TrainingDiverged
-from tasks.model import loss_fn, model
+from tasks.model import loss_fn
+from tasks.models import Linear, Model
 from tasks.strategies import make_stepper
-
-INITIAL_PARAMS = (1.0, 0.0)  # the seed's w = 1, b = 0
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    """The trained [w, b] (as the model sees the normalized readings) and per-epoch losses."""
+    """The trained parameters (packed, as the model sees the normalized readings) and per-epoch losses."""
 
-    w: float
-    b: float
+    params: np.ndarray  # float32, shape (P,): the model's parameters packed (tasks.models)
     train_loss: np.ndarray  # shape (epochs_run,), loss before each epoch's update, as the seed prints it
     val_loss: np.ndarray | None  # same shape, or None without a validation set
     epochs_run: int
     stopped_by: str = "epochs"  # "epochs", "tol" (training loss stopped improving) or "validation"
     best_epoch: int = 0  # the epoch whose parameters were kept
     log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def w(self) -> float:
+        """The line's slope on normalized readings (linear model)."""
+        return float(self.params[0])
+
+    @property
+    def b(self) -> float:
+        return float(self.params[1])
 
 
 def _log_line(epoch: int, train: float, val: float | None) -> str:
@@ -68,14 +76,14 @@ class Stopping:
     val_patience: int = 0  # 0: never
 
 
-def _epoch(stepper, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+def _epoch(stepper, f: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """One pass over the training rows in shuffled mini-batches, one step each."""
-    order = torch.randperm(len(x), generator=generator)
+    order = torch.randperm(len(f), generator=generator)
     total = torch.zeros((), dtype=y.dtype)
-    for start in range(0, len(x), batch_size):
+    for start in range(0, len(f), batch_size):
         rows = order[start : start + batch_size]
-        total += stepper.step(x[rows], y[rows]) * len(rows)
-    return total / len(x)  # mean of the batch losses, weighted by batch size
+        total += stepper.step(f[rows], y[rows]) * len(rows)
+    return total / len(f)  # mean of the batch losses, weighted by batch size
 
 
 def train_model(
@@ -85,6 +93,7 @@ def train_model(
     y_val: torch.Tensor | None,
     *,
     strategy: str,
+    model: Model = Linear(),
     lr: float,
     epochs: int,
     delta: float = 0.1,
@@ -96,14 +105,17 @@ def train_model(
     log: Callable[[str], None] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train [w, b] from the seed's start; raise TrainingDiverged when the loss turns inf or NaN.
+    """Train `model` from its start; raise TrainingDiverged when the loss turns inf or NaN.
 
-    `seed` seeds this training's own generator (mini-batch order), so parallel trainings do not
-    share torch's global one. `log` gets the seed's progress lines; `progress(epoch)` is called
+    `x_train` and `x_val` are what the model's forward reads (`model.features` of the normalized
+    readings). `seed` seeds this training's own generators (the network's initial parameters,
+    mini-batch order), so parallel trainings do not share torch's global one. `log` gets the seed's progress lines; `progress(epoch)` is called
     after every epoch and must stay cheap (it must not read a loss back).
     """
-    stepper = make_stepper(strategy, torch.tensor(INITIAL_PARAMS), lr=lr, delta=delta, optimizer=optimizer)
+    initial = model.initial(torch.Generator().manual_seed(seed)).to(y_train.dtype)
+    stepper = make_stepper(strategy, model, initial, lr=lr, delta=delta, optimizer=optimizer)
     generator = torch.Generator().manual_seed(seed)
+    eps, mean_y2 = torch.finfo(y_train.dtype).eps, float((y_train * y_train).mean()) if stopping.tol else 0.0
     has_val = x_val is not None and x_val.numel() > 0
     # losses stay 0-dim tensors in lists (appending costs less than writing into a tensor, and
     # reading one back is a host sync); stacked only at the log cadence and at the end
@@ -118,7 +130,7 @@ def train_model(
     for epoch in range(1, epochs + 1):
         if has_val:
             with torch.no_grad():  # validation never builds a graph
-                val_hist.append(loss_fn(model(x_val, *stepper.params), y_val))
+                val_hist.append(loss_fn(model.forward(stepper.params, x_val), y_val))
             if stopping.val_patience:
                 if float(val_hist[-1]) < best_val:
                     best_val, best_epoch, best_params = float(val_hist[-1]), epoch, stepper.params.detach().clone()
@@ -129,7 +141,10 @@ def train_model(
             progress(epoch)
         if stopping.tol and epoch > stopping.patience:
             low, high = torch.aminmax(torch.stack(train_hist[-1 - stopping.patience :]))
-            if float(high - low) <= stopping.tol * abs(float(low)):
+            low = float(low)
+            # settled: within the relative band, or within the loss's own rounding (a float32 loss
+            # near a tiny optimum jitters by about eps * sqrt(loss * mean(y^2)), far above tol * loss)
+            if float(high) - low <= max(stopping.tol * abs(low), eps * math.sqrt(max(low, 0.0) * mean_y2)):
                 stopped_by = "tol"
         last = epoch == epochs or stopped_by != "epochs"
         # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
@@ -148,10 +163,8 @@ def train_model(
         if last:
             break
     params = best_params if stopped_by == "validation" else stepper.params.detach()
-    w, b = (float(v) for v in params)
     return TrainResult(
-        w=w,
-        b=b,
+        params=params.numpy().copy(),
         train_loss=torch.stack(train_hist).numpy(),
         val_loss=torch.stack(val_hist).numpy() if has_val else None,
         epochs_run=epoch,

@@ -132,7 +132,7 @@ def test_every_stage_persists_and_the_manifest_records_it(capsys, tmp_path, read
         assert sha256_file(path) == m["stages"][name]["sha256"]
         joblib.load(path)  # every stage file is data joblib can open
     trained = joblib.load(result["stages"]["train"]["path"])
-    assert trained["params"] == result["model"]
+    assert {k: float(v) for k, v in trained["model"]["parameters"].items()} == result["model"]["parameters"]
     assert len(trained["history"]["train_loss"]) == len(trained["history"]["val_loss"]) == result["epochs_run"]
     assert trained["stopped_by"] == result["stopped_by"] == "tol" and result["epochs_run"] < 100
     png = Path(result["report"])

@@ -20,14 +20,6 @@ def test_normalization_round_trips(method):
     np.testing.assert_allclose(normalizer.invert(normalizer.apply(X)), X, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["none", "scale", "standard"])
-def test_raw_calibration_gives_the_same_predictions(method):
-    normalizer = fit_normalizer(X, method, scale=0.1)
-    w, b = 2.5, -3.0
-    slope, intercept = normalizer.raw_calibration(w, b)
-    np.testing.assert_allclose(w * normalizer.apply(X).astype(np.float64) + b, slope * X + intercept, rtol=1e-5)
-
-
 def test_standard_and_scale_statistics():
     z = fit_normalizer(X, "standard").apply(X)
     assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, abs=1e-6)

@@ -172,7 +172,8 @@ def test_the_api_refuses_bad_parameters_and_runs_custom_ones(server, tmp_path):
         client = _client(server)
         deployment = _wait_for(lambda: _deployment(client, name), 120, "the deployment", serve, log)
         for bad, words in [({"lr": -1}, ["settings.lr", "minimum of 0"]), ({"strategy": "magic"}, ["strategy", "analytic", "autograd"]),
-                           ({"val_fraction": 1.5}, ["val_fraction"]), ({"optimizer": "nope"}, ["optimizer", "adam"])]:
+                           ({"val_fraction": 1.5}, ["val_fraction"]), ({"optimizer": "nope"}, ["optimizer", "adam"]),
+                           ({"model": "cubic"}, ["model", "cubic", "poly:[1-5]"]), ({"model": "poly:9"}, ["model", "poly:9"])]:
             with pytest.raises(httpx.HTTPStatusError) as refused:
                 client.create_flow_run_from_deployment(deployment.id, parameters={"settings": {**deployment.parameters["settings"], **bad}})
             assert refused.value.response.status_code == 409
@@ -180,11 +181,13 @@ def test_the_api_refuses_bad_parameters_and_runs_custom_ones(server, tmp_path):
                 assert word in refused.value.response.text
 
         custom = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"settings": {**deployment.parameters["settings"], "strategy": "autograd", "lr": 0.05}}
+            deployment.id, parameters={"settings": {**deployment.parameters["settings"], "strategy": "autograd", "lr": 0.05, "model": "poly:2"}}
         )
         done = _wait_for(lambda: (r := client.read_flow_run(custom.id)).state.is_final() and r, 180, "the custom run", serve, log)
         assert done.state.is_completed(), done.state.message
         assert "strategy:autograd" in done.tags
+        recorded = [json.loads(p.read_text()) for p in (tmp_path / "store").glob("*/manifest.json")]
+        assert [m["results"]["model"]["spec"] for m in recorded if m["flow_run_id"] == str(custom.id)] == ["poly:2"]
     finally:
         assert _stop(serve, signal.SIGTERM, timeout=60) == 0
 

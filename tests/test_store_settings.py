@@ -113,3 +113,45 @@ def test_optimizer_names_are_case_insensitive_and_unknown_ones_list_the_choices(
     with pytest.raises(ValidationError) as error:
         CalibrationSettings(optimizer="nope")
     assert "sgd" in str(error.value) and "rmsprop" in str(error.value)
+
+
+def test_every_setting_is_a_run_serve_and_sweep_option_derived_from_the_model():
+    from flows.cli import _parser, _settings
+
+    parser = _parser()
+    for command in ("run", "serve", "sweep"):
+        extra = ["--cron", "0 * * * *"] if command == "serve" else []
+        args = parser.parse_args([command, *extra])
+        assert _settings(args) == CalibrationSettings()  # every default reaches the settings unchanged
+    actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["run"]._actions}
+    for name, field in CalibrationSettings.model_fields.items():
+        action = actions[name]
+        assert action.option_strings == ["--" + name.replace("_", "-")]
+        assert action.default == field.default and action.help.startswith(field.description)
+    assert actions["strategy"].choices == ("finite-difference", "analytic", "autograd", "optimizer")
+    assert actions["normalize"].choices == ("none", "scale", "standard")
+    assert actions["optimizer"].choices is None  # any case: checked by the settings, which list the names
+    assert actions["lr"].type is float and actions["epochs"].type is int
+    args = parser.parse_args(["run", "--model", "poly:3", "--val-fraction", "0.3", "--lr", "0.2", "--epochs", "7"])
+    assert _settings(args) == CalibrationSettings(model="poly:3", val_fraction=0.3, lr=0.2, epochs=7)
+
+
+def test_the_plot_draws_the_fitted_curve_densely_over_the_calibrated_range(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from tasks.report import plot_calibration
+
+    seen = []
+
+    def curve(xs):
+        seen.append(np.asarray(xs))
+        return 0.01 * np.asarray(xs) ** 2
+
+    table = pd.DataFrame({"reading": [10.0, 20.0, 30.0, 45.0], "celsius": [1.0, 4.0, 9.0, 20.0],
+                          "subset": ["train", "train", "train", "validation"]})
+    plot_calibration(tmp_path / "plot.png", table, curve, (10.0, 30.0), np.array([3.0, 2.0]), np.array([4.0, 3.0]))
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    dense = seen[0]
+    assert len(dense) >= 100 and dense.min() == 10.0 and dense.max() == 30.0  # the calibrated range, densely
+    assert seen[1].min() == 30.0 and seen[1].max() == 45.0  # beyond it (dashed), up to the last reading

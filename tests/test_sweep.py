@@ -33,7 +33,7 @@ def test_sequential_threaded_and_dask_sweeps_agree_bit_for_bit(capsys, tmp_path,
     }
     assert len(results["sequential"]) == 12 and all(row["status"] == "ok" for row in results["sequential"])
     assert not any(row["cached"] for rows in results.values() for row in rows)  # three separate stores: all computed
-    compared = ("strategy", "lr", "normalization", "train_loss", "val_loss", "gap_to_optimum", "epochs", "slope", "intercept")
+    compared = ("model", "strategy", "lr", "normalization", "train_loss", "val_loss", "gap_to_optimum", "epochs", "calibration")
     for name in ("threads", "dask"):
         assert [{k: r[k] for k in compared} for r in results[name]] == [{k: r[k] for k in compared} for r in results["sequential"]]
         for mine, reference in zip(results[name], results["sequential"]):

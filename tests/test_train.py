@@ -6,6 +6,7 @@ import torch
 
 from tasks.errors import TrainingDiverged
 from tasks.model import least_squares
+from tasks.models import Linear
 from tasks.train import train_model
 
 
@@ -90,7 +91,7 @@ def test_default_configuration_stops_at_the_optimum(seed_data):
     result = train_model(x, t_c, None, None, strategy=settings.strategy, lr=settings.learning_rate, epochs=settings.max_epochs,
                          stopping=Stopping(tol=settings.stopping_tol, patience=settings.patience))
     assert result.stopped_by == "tol" and result.epochs_run < 50 and len(result.train_loss) == result.epochs_run
-    slope, intercept = normalizer.raw_calibration(result.w, result.b)
+    intercept, slope = Linear().raw_coefficients(result.params, normalizer)
     raw = seed_data[0].numpy().astype(np.float64)
     _, _, optimum = least_squares(raw, t_c.numpy())
     assert (np.mean((slope * raw + intercept - t_c.numpy()) ** 2) - optimum) / optimum < 1e-6

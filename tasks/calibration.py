@@ -1,0 +1,76 @@
+"""A trained calibration as data: the model's spec, its named parameters, its fitted constants, the
+normalization of the readings and the calibrated range. What the train stage persists, and all
+that validation, inference, the report and `thermocal predict` need."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tasks.model import calc_forward
+from tasks.models import Model, load_model
+from tasks.normalize import Normalizer
+
+PREDICT_BUDGET = 1 << 22  # numbers per slice of readings (rows x parameters)
+TABLE_POINTS = 10  # readings at which a calibration without a formula (the network) is tabulated
+
+
+@dataclass(frozen=True)
+class Calibration:
+    model: Model  # fitted: its constants (the polynomial basis) taken from the training rows
+    theta: np.ndarray  # every parameter packed, float32 as trained
+    normalizer: Normalizer
+    range: tuple[float, float]  # lowest and highest training reading (raw units)
+
+    @classmethod
+    def from_record(cls, record: dict) -> Calibration:
+        model = load_model(record["spec"], record["buffers"])
+        return cls(model, model.pack(record["parameters"]), Normalizer(**record["normalizer"]), tuple(record["range"]))
+
+    def to_record(self) -> dict:
+        """Plain data (names -> numpy arrays), as a state_dict and a config hold a model."""
+        return {
+            "spec": self.model.spec,
+            "parameters": self.model.unpack(self.theta),
+            "buffers": self.model.buffers(),
+            "normalizer": self.normalizer.to_dict(),
+            "range": [float(v) for v in self.range],
+        }
+
+    def features(self, readings) -> torch.Tensor:
+        """What the model reads for raw readings, in float64."""
+        x = torch.from_numpy(self.normalizer.apply64(np.asarray(readings, dtype=np.float64).reshape(-1)))
+        return self.model.features(x)
+
+    def predict(self, readings) -> np.ndarray:
+        """°C for raw readings in float64, through calc_forward with gradients off; in slices of
+        readings, so a network's hidden layer on 10 million rows never sits in memory at once."""
+        readings = np.asarray(readings, dtype=np.float64).reshape(-1)
+        theta = torch.from_numpy(self.theta.astype(np.float64))
+        rows = max(1, PREDICT_BUDGET // self.model.size)
+        parts = [calc_forward(self.model, theta, self.features(readings[start : start + rows]), None, is_train=False)[0].numpy()
+                 for start in range(0, len(readings), rows)]
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    @property
+    def coefficients(self) -> list[float] | None:
+        """°C = sum(c_i × reading^i), ascending powers of the raw reading; None for the network."""
+        return self.model.raw_coefficients(self.theta.astype(np.float64), self.normalizer)
+
+    def table(self, points: int = TABLE_POINTS) -> list[dict]:
+        """°C at `points` readings spanning the calibrated range."""
+        readings = np.linspace(self.range[0], self.range[1], points)
+        return [{"reading": float(r), "celsius": float(c)} for r, c in zip(readings, self.predict(readings))]
+
+    def summary(self) -> dict:
+        """The calibration as the user reads it: kind, raw-unit coefficients (slope and intercept
+        for the line), range; for the network, which has no formula, a table across the range."""
+        coefficients = self.coefficients
+        out = {"kind": self.model.kind, "coefficients": coefficients, "range": [float(v) for v in self.range]}
+        if self.model.kind == "linear":
+            out = {"slope": coefficients[1], "intercept": coefficients[0], **out}
+        if coefficients is None:
+            out["table"] = self.table()
+        return out
