@@ -1,17 +1,21 @@
 """The calibration flow: ingest -> normalize -> split -> train -> validate -> infer -> report."""
 
 
+import concurrent.futures
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, tags
+from prefect.futures import PrefectConcurrentFuture
 from prefect.runtime import flow_run
+from prefect.states import State
+from prefect.utilities.annotations import quote
 
 from tasks.errors import UNREADABLE, unreadable
 from tasks.settings import CalibrationSettings
 from tasks.split import rows_needed
-from tasks.record import record_run
+from tasks.record import publish_run, record_run
 from tasks.stages import (
     infer_celsius,
     ingest_readings,
@@ -27,39 +31,84 @@ from tasks.store import Store, sha256_file
 
 @dataclass(frozen=True)
 class StageRun:
-    ref: dict
+    name: str
+    ref: dict  # where the stage's output lives and its content hash (tasks.store)
     cached: bool
     seconds: float  # wall time of the stage in this run, Prefect's part included
+    state: State
+    ancestors: frozenset[str]  # every stage this one's output depends on, directly or not
 
 
 def _content(value):
+    if isinstance(value, StageRun):
+        return value.ref["sha256"]
     return value["sha256"] if isinstance(value, dict) and "sha256" in value else value
 
 
 def stage_call(stage_task, store: Store, keyed: dict, **unkeyed):
-    """The stage task configured for this store, and its arguments with the cache key.
+    """The stage task configured for this store, its arguments with the cache key, and what it waits for.
 
-    `keyed` inputs decide the output (an upstream stage enters the key by its content hash, as
-    DVC keys on file contents); `unkeyed` ones do not (paths, logging). A stage whose files are
-    gone or altered is recomputed (refresh_cache) rather than trusted.
+    `keyed` inputs decide the output (an upstream StageRun enters the key by its content hash, as
+    DVC keys on file contents, and the stage gets its ref); `unkeyed` ones do not (paths, logging).
+    A stage whose files are gone or altered is recomputed (refresh_cache) rather than trusted.
+
+    In this process every argument is passed quoted (`Call.quoted`), so Prefect does not guess
+    dependencies from the values (it matches them by object identity, and small refs share strings
+    and numbers with unrelated results); the run graph's edges are declared instead: the upstream stages read, less those
+    reached through another one read (train reads ingest, but through normalize and split), so the
+    graph reads ingest -> normalize, split -> train -> validate, infer -> report.
     """
     key = stage_key(stage_task.name, {name: _content(value) for name, value in keyed.items()})
     configured = stage_task.with_options(result_storage=store.records, refresh_cache=not store.stage_intact(stage_task.name, key))
-    return configured, {"store": str(store.root), "key": key, **keyed, **unkeyed}
+    reads = [value for value in keyed.values() if isinstance(value, StageRun)]
+    implied = frozenset().union(*(run.ancestors for run in reads))
+    arguments = {"store": str(store.root), "key": key, **{k: v.ref if isinstance(v, StageRun) else v for k, v in keyed.items()}, **unkeyed}
+    call = Call(stage_task.name, arguments, [run.state for run in reads if run.name not in implied],
+                frozenset(run.name for run in reads) | implied)
+    return configured, call
 
 
-def stage_result(state, store: Store, started: float) -> StageRun:
-    """The stage's ref from its final state; raises the stage's own error when it failed."""
+def done(state: State) -> PrefectConcurrentFuture:
+    """A finished task run as a future. Prefect takes the run of a future as a dependency and looks
+    no further; a State passed in `wait_for` is searched field by field, where Prefect's
+    identity-based matching finds unrelated runs (ids of freed objects are reused)."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(state)
+    return PrefectConcurrentFuture(task_run_id=state.state_details.task_run_id, wrapped_future=future)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A stage's arguments, the states of the stages it builds on, and what its output will depend on."""
+
+    name: str
+    arguments: dict
+    upstream: list[State]
+    ancestors: frozenset[str]
+
+    @property
+    def quoted(self) -> dict:
+        """The arguments as Prefect should take them in this process: as they are, not searched for dependencies."""
+        return {name: quote(value) for name, value in self.arguments.items()}
+
+    @property
+    def wait_for(self) -> list[PrefectConcurrentFuture]:
+        """The upstream stages as finished futures, for a call in this process (see `done`)."""
+        return [done(state) for state in self.upstream]
+
+
+def stage_result(state, store: Store, started: float, call: Call) -> StageRun:
+    """The stage's run from its final state; raises the stage's own error when it failed."""
     if state.is_failed():
         _discard_failure_record(state, store)
-    return StageRun(state.result(), state.name == "Cached", time.perf_counter() - started)
+    return StageRun(call.name, state.result(), state.name == "Cached", time.perf_counter() - started, state, call.ancestors)
 
 
 def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
     """Run one stage through Prefect's cache, in this thread."""
     started = time.perf_counter()
-    configured, arguments = stage_call(stage_task, store, keyed, **unkeyed)
-    return stage_result(configured(**arguments, return_state=True), store, started)
+    configured, call = stage_call(stage_task, store, keyed, **unkeyed)
+    return stage_result(configured(**call.quoted, wait_for=call.wait_for, return_state=True), store, started, call)
 
 
 def _discard_failure_record(state, store: Store) -> None:
@@ -95,15 +144,15 @@ def ingest_inputs(settings: CalibrationSettings, data_sha256: str) -> dict:
             "celsius_column": settings.celsius_column, "min_rows": rows_needed(settings.val_fraction)}
 
 
-def normalize_inputs(settings: CalibrationSettings, ingest: dict) -> dict:
+def normalize_inputs(settings: CalibrationSettings, ingest: StageRun) -> dict:
     return {"ingest": ingest, "method": settings.normalize, "scale": settings.scale if settings.normalize == "scale" else None}
 
 
-def split_inputs(settings: CalibrationSettings, ingest: dict) -> dict:
+def split_inputs(settings: CalibrationSettings, ingest: StageRun) -> dict:
     return {"ingest": ingest, "val_fraction": settings.val_fraction, "seed": settings.seed}
 
 
-def train_inputs(settings: CalibrationSettings, upstream: dict) -> dict:
+def train_inputs(settings: CalibrationSettings, upstream: dict[str, StageRun]) -> dict:
     """What decides a training: the data's stages and the training settings that apply."""
     return {
         **upstream, "model": settings.model, "strategy": settings.strategy, "lr": settings.learning_rate, "epochs": settings.max_epochs,
@@ -114,7 +163,13 @@ def train_inputs(settings: CalibrationSettings, upstream: dict) -> dict:
     }
 
 
-def evaluate_inputs(ingest: dict, split: dict, train: dict) -> dict:
+def settings_used(settings: CalibrationSettings) -> dict:
+    """The settings as the run used them: the learning rate, epoch cap and tolerance resolved."""
+    used = settings.model_dump(exclude={"log_every"})
+    return {**used, "lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
+
+
+def evaluate_inputs(ingest: StageRun, split: StageRun, train: StageRun) -> dict:
     """What validation and inference read: the readings, the split and the trained calibration."""
     return {"ingest": ingest, "split": split, "train": train}
 
@@ -132,19 +187,19 @@ def calibrate(
     with s.tidy_on_failure(), tags(*run_tags(settings)):
         data_sha256 = data_file_sha256(data_path)
         ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
-        normalize = _run_stage(normalize_readings, s, normalize_inputs(settings, ingest.ref))
-        split = _run_stage(split_readings, s, split_inputs(settings, ingest.ref))
-        upstream = {"ingest": ingest.ref, "normalize": normalize.ref, "split": split.ref}
+        normalize = _run_stage(normalize_readings, s, normalize_inputs(settings, ingest))
+        split = _run_stage(split_readings, s, split_inputs(settings, ingest))
+        upstream = {"ingest": ingest, "normalize": normalize, "split": split}
         train = _run_stage(train_calibration, s, train_inputs(settings, upstream), log_every=settings.log_every)
-        validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest.ref, split.ref, train.ref))
-        infer = _run_stage(infer_celsius, s, {**evaluate_inputs(ingest.ref, split.ref, train.ref), "readings": predict})
-        report = _run_stage(
-            report_run, s,
-            {"ingest": ingest.ref, "train": train.ref, "validate": validate.ref, "infer": infer.ref,
-             "settings": settings.model_dump(exclude={"log_every"})},
-        )
+        validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
+        infer = _run_stage(infer_celsius, s, {**evaluate_inputs(ingest, split, train), "readings": predict})
+        used = settings_used(settings)
+        report = _run_stage(report_run, s, {"ingest": ingest, "train": train, "validate": validate, "infer": infer, "settings": used})
         stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
                   "validate": validate, "infer": infer, "report": report}
         effective = {"lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
-        return record_run(str(s.root), str(data_path), data_sha256, settings.model_dump(), effective, predict,
-                          {name: {"ref": run.ref, "cached": run.cached, "seconds": run.seconds} for name, run in stages.items()})
+        runs = {name: {"ref": run.ref, "cached": run.cached, "seconds": run.seconds} for name, run in stages.items()}
+        summary = record_run(quote(str(s.root)), quote(str(data_path)), quote(data_sha256), quote(settings.model_dump()),
+                             quote(effective), quote(predict), quote(runs), wait_for=[done(report.state)])
+        publish_run(summary, used)
+        return summary

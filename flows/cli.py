@@ -15,7 +15,8 @@ import types
 import typing
 from pathlib import Path
 
-from tasks.errors import UNREADABLE, InvalidInput, ThermocalError, unreadable
+from tasks.errors import UNREADABLE, InvalidInput, StoreError, ThermocalError, TrainingDiverged, unreadable
+from flows import results
 from tasks.settings import CalibrationSettings
 
 # Prefect reads these when it is imported. A cold ephemeral server takes about 17 s to become
@@ -57,11 +58,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
 
 
+def _version() -> str:
+    from importlib.metadata import version
+
+    return f"thermocal {version('thermocal')} (prefect {version('prefect')}, torch {version('torch')})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thermocal", description="Learn a thermometer's calibration by gradient descent.")
+    parser.add_argument("--version", action="version", version=_version(), help="print thermocal's version (and Prefect's and torch's)")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the calibration pipeline")
+    run = commands.add_parser(
+        "run", help="run the calibration pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Learn °C from paired readings (a CSV with a reading and a °C column) and persist every stage:\n"
+                    "ingest -> normalize, split -> train -> validate, infer -> report. A repeated run recomputes nothing.",
+        epilog="examples:\n"
+               "  thermocal run --predict 45 60.2                       the shipped readings; convert two new ones\n"
+               "  thermocal run --data logger.csv --reading-column Raw_mV --celsius-column Ref_C --model poly:2",
+    )
     _add_run_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -86,15 +101,17 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--json", action="store_true", help="print the comparison rows as JSON")
 
     server = commands.add_parser("server", help="a local Prefect server and UI on 127.0.0.1")
-    server.add_argument("action", choices=("start", "status", "stop"))
+    server.add_argument("action", choices=("start", "status", "stop"),
+                        help="start: a server on 127.0.0.1 (foreground, or --background); status: up or down (exit 0/1); stop: a --background server")
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default: %(default)s)")
-    server.add_argument("--background", action="store_true", help="with start: return once it is started")
+    server.add_argument("--background", action="store_true", help="with start: return once its API answers (or fail with its log)")
 
     predict = commands.add_parser("predict", help="convert readings to °C with a persisted model, without retraining")
-    predict.add_argument("readings", type=float, nargs="+", metavar="READING")
-    predict.add_argument("--run", dest="run_id", help="run id (default: the latest run)")
+    predict.add_argument("readings", type=float, nargs="+", metavar="READING", help="instrument readings, in the units of the data's reading column")
+    predict.add_argument("--run", dest="run_id", help="run id, even one whose model did not converge (default: the latest run whose model did)")
+    predict.add_argument("--data", help="only runs trained on this data file")
     _add_store(predict)
-    predict.add_argument("--json", action="store_true", help="print a JSON list")
+    predict.add_argument("--json", action="store_true", help="print one JSON object: run_id, model, data, predictions (and warning)")
 
     synth = commands.add_parser("synth", help="write realistic synthetic readings (a hidden calibration plus noise)")
     synth.add_argument("--rows", type=int, required=True, help="rows of readings to write")
@@ -103,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--json", action="store_true", help="print what was written as JSON")
 
     runs = commands.add_parser("runs", help="list the persisted runs")
+    runs.add_argument("--data", help="only runs trained on this data file")
     _add_store(runs)
     runs.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
@@ -120,45 +138,47 @@ def _settings(args: argparse.Namespace) -> CalibrationSettings:
         raise InvalidInput(describe_validation_error(error)) from None
 
 
-class _HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs a failed task's traceback; for a user's mistake the message alone is the answer."""
+class _UserErrorsSaidOnce(logging.Filter):
+    """thermocal says a user's mistake itself, once and last. On the terminal, Prefect's lines about
+    it (the task's and the flow's failure, each repeating the message) are dropped; Prefect's API
+    handler is left alone, so the run's record in the UI keeps every detail."""
+
+    NAMES = tuple(cls.__name__ for cls in (InvalidInput, TrainingDiverged, StoreError))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], ThermocalError):
-            record.exc_info = None
-            record.exc_text = None
-        return True
+            return False
+        return not any(name in record.getMessage() for name in self.NAMES)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(name) for name in [None, *logging.root.manager.loggerDict] if name is None or name.startswith("prefect")]
+    return [h for logger in loggers for h in getattr(logger, "handlers", []) if isinstance(h, PrefectConsoleHandler)]
 
 
 def _quiet_user_errors() -> None:
-    for name in [None, *logging.root.manager.loggerDict]:
-        if name is None or name.startswith("prefect"):
-            for handler in getattr(logging.getLogger(name), "handlers", []):
-                if not any(isinstance(f, _HideUserErrorTracebacks) for f in handler.filters):
-                    handler.addFilter(_HideUserErrorTracebacks())
+    for handler in _console_handlers():
+        handler.setLevel(logging.NOTSET)  # heard again, should an earlier command in this process have silenced it
+        if not any(isinstance(f, _UserErrorsSaidOnce) for f in handler.filters):
+            handler.addFilter(_UserErrorsSaidOnce())
 
 
-def _print_calibration(calibration: dict, prefix: str = "calibration: ") -> None:
-    """The calibration function in raw units, or, for the network, °C at readings across its range."""
-    from tasks.report import calibration_formula
-
-    formula = calibration_formula(calibration)
-    if formula is not None:
-        print(f"{prefix}{formula}")
-        return
-    low, high = calibration["range"]
-    print(f"{prefix}°C at readings across the calibrated range {low:g} to {high:g}:")
-    for row in calibration["table"]:
-        print(f"  {row['reading']:>12.6g} -> {row['celsius']:10.4f} °C")
+def _silence_prefect_console() -> None:
+    """Nothing of Prefect's after thermocal's error line (its temporary server says goodbye at exit)."""
+    if "prefect" in sys.modules:
+        for handler in _console_handlers():
+            handler.setLevel(logging.CRITICAL + 1)
 
 
 def _print_run(summary: dict) -> None:
     print(f"model: {summary['model']['spec']}")
-    _print_calibration(summary["calibration"])
+    results.print_calibration(summary["calibration"])
     val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
     if summary["optimum"] is not None:
         print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}, "
-              f"gap {summary['gap_to_optimum']:.2e}), validation loss {val}")
+              f"gap {max(summary['gap_to_optimum'], 0.0):.2e}), validation loss {val}")
     else:
         best = ", ".join(f"{spec} {loss:.6f}" for spec, loss in summary.get("baselines", {}).items())
         print(f"training loss {summary['train_loss']:.6f} (best polynomials on the same rows: {best}), validation loss {val}")
@@ -304,7 +324,7 @@ def _server(args: argparse.Namespace) -> int:
         return serving.server_start(args.port, args.background)
     if args.action == "status":
         return serving.server_status(args.port)
-    return serving.server_stop()
+    return serving.server_stop(args.port)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -324,60 +344,17 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(args: argparse.Namespace) -> int:
-    from tasks.calibration import Calibration
-    from tasks.store import Store
-
-    store = Store(args.store)
-    manifest = store.manifest(args.run_id)
-    trained = store.load({"stage": "train", **manifest["stages"]["train"]})
-    calibration = Calibration.from_record(trained["model"])
-    celsius = calibration.predict(args.readings)
-    rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
-    if args.json:
-        print(json.dumps(rows))
-    else:
-        _print_calibration(trained["calibration"], prefix=f"run {manifest['run_id']} ({calibration.model.spec}): ")
-        for row in rows:
-            print(f"  {row['reading']:g} -> {row['celsius']:.4f} °C")
-    return 0
-
-
-def _runs(args: argparse.Namespace) -> int:
-    from tasks.report import calibration_formula
-    from tasks.store import Store
-
-    rows = []
-    for m in Store(args.store).manifests():
-        p, r = {**m["parameters"], **m.get("effective", {})}, m["results"]
-        rows.append({
-            "run_id": m["run_id"], "created": m["created"], "model": r["model"].get("spec", "linear"), "strategy": p["strategy"],
-            "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
-            "normalize": p["normalize"], "lr": p["lr"], "epochs": r.get("epochs_run", p["epochs"]), "val_fraction": p["val_fraction"],
-            "train_loss": r["train_loss"], "val_loss": r["val_loss"], "calibration": r["calibration"],
-        })
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not rows:
-        print(f"no runs in {Path(args.store).resolve()}")
-        return 0
-    print(f"{'run id':<24} {'model':<8} {'strategy':<17} {'normalize':<9} {'lr':>8} {'epochs':>6} {'train loss':>11} {'val loss':>10}  calibration")
-    for row in rows:
-        strategy = row["strategy"] + (f"/{row['optimizer']}" if row["optimizer"] else "")
-        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
-        print(f"{row['run_id']:<24} {row['model']:<8} {strategy:<17} {row['normalize']:<9} {row['lr']:>8g} {row['epochs']:>6} "
-              f"{row['train_loss']:>11.6f} {val:>10}  {calibration_formula(row['calibration'], 'r') or '(network)'}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
     args = _parser().parse_args(argv)
-    command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth, "predict": _predict, "runs": _runs}[args.command]
+    command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth,
+               "predict": results.predict, "runs": results.runs}[args.command]
     try:
         return command(args)
     except ThermocalError as error:
+        _silence_prefect_console()
+        if getattr(args, "json", False):  # tools reading stdout get the same message and code
+            print(json.dumps({"error": str(error), "exit_code": error.exit_code}))
         print(f"thermocal: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

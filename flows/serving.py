@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -79,19 +81,85 @@ def server_healthy(port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def server_start(port: int, background: bool) -> int:
-    """Start `prefect server start` on 127.0.0.1:port, in the foreground unless `background`."""
+def _home() -> Path:
+    """PREFECT_HOME, read without importing Prefect (about 2 s)."""
+    return Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")).expanduser()
+
+
+def _server_files(port: int) -> tuple[Path, Path]:
+    """The process id and log of thermocal's background server on `port`."""
+    return _home() / f"thermocal-server-{port}.pid", _home() / f"thermocal-server-{port}.log"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stop_process(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM to the process group `pid` leads (the server and its workers), SIGKILL after `timeout`."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not _alive(pid):
+            return
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+STARTUP_TIMEOUT = 120.0  # a cold server on a new machine migrates its database first (about 20-30 s here)
+
+
+def server_start(port: int, background: bool, timeout: float = STARTUP_TIMEOUT) -> int:
+    """Start `prefect server start` on 127.0.0.1:port, in the foreground unless `background`.
+
+    In the background it runs in its own session with its log in PREFECT_HOME, and this returns
+    only once its API answers; if it exits or stays silent for `timeout` seconds, it is stopped and
+    the error shows the log's tail.
+    """
     if server_healthy(port):
         print(f"a Prefect server already answers on {api_url(port)}")
         return 0
     command = _prefect("server", "start", "--host", "127.0.0.1", "--port", str(port))
-    print(f"Prefect server and UI: http://127.0.0.1:{port}\nfor thermocal run/serve: export PREFECT_API_URL={api_url(port)}", flush=True)
-    if background:
-        return subprocess.run([*command, "--background"], env=server_env(port)).returncode
-    try:
-        return subprocess.run(command, env=server_env(port)).returncode
-    except KeyboardInterrupt:
-        return 0
+    if not background:
+        print(f"Prefect server and UI: http://127.0.0.1:{port}\nfor thermocal run/serve: export PREFECT_API_URL={api_url(port)}", flush=True)
+        try:
+            return subprocess.run(command, env=server_env(port)).returncode
+        except KeyboardInterrupt:
+            return 0
+    pid_file, log_file = _server_files(port)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as log:
+        process = subprocess.Popen(command, env=server_env(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + timeout
+    while not server_healthy(port, timeout=1.0):
+        if process.poll() is not None or time.monotonic() > deadline:
+            what = f"exited with code {process.returncode}" if process.poll() is not None else f"did not answer within {timeout:g} s"
+            _stop_process(process.pid)
+            pid_file.unlink(missing_ok=True)
+            raise InvalidInput(f"the Prefect server on port {port} {what}; the end of its log ({log_file}):\n{_tail(log_file)}")
+        time.sleep(0.5)
+    print(f"Prefect server and UI: http://127.0.0.1:{port} (process {process.pid}, log {log_file})\n"
+          f"for thermocal run/serve: export PREFECT_API_URL={api_url(port)}\nstop it with: thermocal server stop"
+          + (f" --port {port}" if port != DEFAULT_PORT else ""), flush=True)
+    return 0
 
 
 def server_status(port: int) -> int:
@@ -102,9 +170,30 @@ def server_status(port: int) -> int:
     return 1
 
 
-def server_stop() -> int:
-    """Stop a server started with --background (Prefect keeps its process id in PREFECT_HOME)."""
-    return subprocess.run(_prefect("server", "stop")).returncode
+def server_stop(port: int = DEFAULT_PORT) -> int:
+    """Stop the server `server start --background` started on `port`, by its process id."""
+    pid_file, _ = _server_files(port)
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        print(f"no thermocal background server on port {port} (no {pid_file})")
+        return 0
+    if not _is_server(pid):  # gone, or the id now belongs to another program: never signal that
+        pid_file.unlink(missing_ok=True)
+        print(f"the Prefect server on port {port} (process {pid}) is no longer running")
+        return 0
+    _stop_process(pid)
+    pid_file.unlink(missing_ok=True)
+    print(f"stopped the Prefect server on port {port} (process {pid})")
+    return 0
+
+
+def _is_server(pid: int) -> bool:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"server" in command and any(part.endswith(b"prefect") for part in command)
 
 
 def start_ephemeral_server() -> None:

@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 
 from prefect import flow
+from prefect.context import FlowRunContext
 
 from flows.calibrate import (
     _run_stage,
@@ -40,23 +41,28 @@ def sweep(
     with s.tidy_on_failure():
         data_sha256 = data_file_sha256(data_path)
         ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
-        split = _run_stage(split_readings, s, split_inputs(settings, ingest.ref))
-        normalized = {n: _run_stage(normalize_readings, s, normalize_inputs(c, ingest.ref))
+        split = _run_stage(split_readings, s, split_inputs(settings, ingest))
+        normalized = {n: _run_stage(normalize_readings, s, normalize_inputs(c, ingest))
                       for n, c in {c.normalize: c for c in grid}.items()}
         submitted = []
+        remote = type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
         for config in grid:  # every training goes to the task runner at once
-            upstream = {"ingest": ingest.ref, "normalize": normalized[config.normalize].ref, "split": split.ref}
-            task, arguments = stage_call(train_calibration, s, train_inputs(config, upstream), log_every=config.log_every)
-            submitted.append((config, upstream, time.perf_counter(), task.submit(**arguments)))
+            upstream = {"ingest": ingest, "normalize": normalized[config.normalize], "split": split}
+            task, call = stage_call(train_calibration, s, train_inputs(config, upstream), log_every=config.log_every)
+            if remote:  # to another process: plain arguments and upstream states pickle, quotes and local futures do not
+                future = task.submit(**call.arguments, wait_for=call.upstream)
+            else:
+                future = task.submit(**call.quoted, wait_for=call.wait_for)
+            submitted.append((config, call, time.perf_counter(), future))
         rows = []
-        for config, upstream, started, future in submitted:
+        for config, call, started, future in submitted:
             future.wait()
             try:
-                train = stage_result(future.state, s, started)
+                train = stage_result(future.state, s, started, call)
             except ThermocalError as error:  # one diverging combination does not sink the sweep
                 rows.append({"config": config.model_dump(), "error": str(error)})
                 continue
-            validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest.ref, split.ref, train.ref))
+            validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
             rows.append({"config": config.model_dump(), "lr": config.learning_rate, "train": train.ref["summary"],
                          "validate": validate.ref["summary"], "cached": train.cached, "train_path": train.ref["path"]})
         return record_sweep(str(s.root), str(data_path), data_sha256, rows)

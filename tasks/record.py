@@ -52,25 +52,29 @@ def _metrics_table(summary: dict) -> list[dict]:
                  {"metric": "gap to optimum (relative)", "value": summary["gap_to_optimum"]},
                  {"metric": "converged", "value": summary["converged"]}]
     rows += [{"metric": f"best {spec} (MSE)", "value": loss} for spec, loss in (summary.get("baselines") or {}).items()]
-    return rows + [{"metric": "epochs", "value": summary["epochs_run"]}]
+    rows += [{"metric": "epochs", "value": summary["epochs_run"]}]
+    return rows + [{"metric": f"°C at reading {p['reading']:g}", "value": p["celsius"]} for p in summary["predictions"]]
 
 
-def _publish(summary: dict, settings: dict) -> None:
-    create_table_artifact(key=METRICS_KEY, description="Final metrics and the calibration of this run", table=_metrics_table(summary))
+def publish_run(summary: dict, settings: dict) -> None:
+    """The run's metrics table and report as Prefect artifacts. Called from the flow's body, so
+    the UI lists them on the flow run (from inside a task they would belong to that task run)."""
+    create_table_artifact(key=METRICS_KEY, description="Final metrics, the calibration and the new readings' °C of this run",
+                          table=_metrics_table(summary))
     png = Path(summary["report"]).read_bytes()
     image = f"data:image/png;base64,{base64.b64encode(png).decode()}"
     create_markdown_artifact(key=REPORT_KEY, description="thermocal calibration report", markdown=calibration_markdown(summary, settings, image, summary["stages"]))
 
 
 RESULTS = ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "baselines",
-           "warnings", "epochs_run", "stopped_by", "train_seconds", "predictions")
+           "warnings", "train_rows", "val_rows", "epochs_run", "stopped_by", "train_seconds", "predictions")
 
 
 @task(name="record-run", task_run_name="record-run")
 def record_run(
     store: str, data: str, data_sha256: str, settings: dict, effective: dict, predict: list[float], stages: dict[str, dict]
 ) -> dict:
-    """Write the run's manifest, publish its artifacts, return its summary."""
+    """Write the run's manifest and return its summary."""
     s = Store(store)
     now = datetime.now(timezone.utc)
     run_id = new_run_id(now)
@@ -82,7 +86,9 @@ def record_run(
         "calibration": train["calibration"],
         **{k: validate.get(k) for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged")},
         **({"baselines": validate["baselines"]} if validate.get("baselines") is not None else {}),
-        "warnings": validate.get("warnings", []),
+        "warnings": train.get("warnings", []) + validate.get("warnings", []),
+        "train_rows": validate["train_rows"],
+        "val_rows": validate["val_rows"],
         "epochs_run": train["epochs_run"],
         "stopped_by": train["stopped_by"],
         "train_seconds": train["train_seconds"],
@@ -112,7 +118,6 @@ def record_run(
         "results": {k: summary[k] for k in RESULTS if k in summary},
     }
     s.write_manifest(run_id, manifest)
-    _publish(summary, {**settings, **{f"{k} (used)": v for k, v in effective.items()}})
     return summary
 
 

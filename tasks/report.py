@@ -35,7 +35,10 @@ def calibration_formula(calibration: dict, reading: str = "reading") -> str | No
     return text
 
 
-def plot_calibration(path: Path, table: pd.DataFrame, predict, calibrated_range, train_loss: np.ndarray, val_loss: np.ndarray | None) -> None:
+def plot_calibration(
+    path: Path, table: pd.DataFrame, predict, calibrated_range, train_loss: np.ndarray, val_loss: np.ndarray | None,
+    labels: tuple[str, str] = ("reading (instrument units)", "celsius (°C)"),
+) -> None:
     """Readings as points with the fitted curve (raw units, dense over the calibrated range; dashed
     where the data reach beyond it), and the loss curves, as one PNG.
 
@@ -61,8 +64,8 @@ def plot_calibration(path: Path, table: pd.DataFrame, predict, calibrated_range,
         if end > start:
             beyond = np.linspace(start, end, 50)
             left.plot(beyond, predict(beyond), "--", color="tab:green", label="outside the calibrated range")
-    left.set_xlabel("Reading (instrument units)")
-    left.set_ylabel("Temperature (°Celsius)")
+    left.set_xlabel(labels[0])
+    left.set_ylabel(labels[1])
     left.set_title("Calibration")
     left.legend()
     epochs = np.arange(1, len(train_loss) + 1)
@@ -84,9 +87,9 @@ def _table_markdown(rows: list[dict]) -> str:
 
 
 def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict | None = None) -> str:
-    """A readable report: the calibration in raw units, the losses, the gap to least squares (or,
-    for the network, the best polynomials), the settings, where each stage's output lives and
-    whether it was cached, and the plot at `image`."""
+    """A readable report, most wanted first: the calibration in raw units, the plot at `image`, the
+    new readings' °C; then the losses and the gap to least squares (or, for the network, the best
+    polynomials), the settings as used, and where each stage's output lives and whether it was cached."""
     cal, opt = summary["calibration"], summary["optimum"]
     val = "n/a (no validation split)" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
     rows = [("model", f"`{summary['model']['spec']}`"), ("training loss (MSE)", f"{summary['train_loss']:.6f}"),
@@ -94,7 +97,7 @@ def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict
     if opt is not None:
         rows += [
             ("least-squares optimum on the training rows (MSE)", f"{opt['train_loss']:.6f}"),
-            ("gap to the optimum (relative)", f"{summary['gap_to_optimum']:.3e}"),
+            ("gap to the optimum (relative)", f"{max(summary['gap_to_optimum'], 0.0):.3e}"),
             ("converged (gap at most 0.1%)", "yes" if summary["converged"] else "**no**"),
         ]
     for spec, loss in (summary.get("baselines") or {}).items():
@@ -109,19 +112,35 @@ def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict
     parts = ["# thermocal calibration", f"**{formula}**" if formula else "**°C at readings across the calibrated range**"]
     if formula is None:
         parts.append(_table_markdown(cal["table"]))
+    parts.append(f"![calibration plot]({image})")
+    if summary.get("predictions"):
+        parts += ["## New readings", _table_markdown(summary["predictions"])]
     parts += [
+        "## Metrics",
         "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows),
-        "## Settings",
+        "## Settings (as used)",
         "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in settings.items()),
     ]
     if stages:
         parts += [
             "## Stages",
-            "| stage | cached | output |\n|---|---|---|\n"
-            + "\n".join(f"| {name} | {'yes' if st['cached'] else 'no'} | `{st['path']}` |" for name, st in stages.items()),
+            "| stage | cached | seconds |\n|---|---|---|\n"
+            + "\n".join(f"| {name} | {'yes' if st['cached'] else 'no'} | {st['seconds']:.2f} |" for name, st in stages.items()),
+            "Outputs:\n\n" + "\n".join(f"- {name}: `{st['path']}`" for name, st in stages.items()),
         ]
-    parts.append(f"![calibration plot]({image})")
     return "\n\n".join(parts) + "\n"
+
+
+def axis_label(column: str, default_unit: str) -> str:
+    """A column name with the unit it implies: 'Raw_mV' -> 'Raw_mV (mV)', 'Ref_C' -> 'Ref_C (°C)';
+    a name without one gets `default_unit`."""
+    head, _, unit = column.rpartition("_")
+    return f"{column} ({_UNITS[unit]})" if head and unit in _UNITS else f"{column} ({default_unit})"
+
+
+# unit suffixes of column names, as loggers and spreadsheets write them
+_UNITS = {"C": "°C", "degC": "°C", "F": "°F", "degF": "°F", "K": "K", "mV": "mV", "V": "V", "uV": "µV", "µV": "µV",
+          "mA": "mA", "uA": "µA", "ohm": "Ω", "Ohm": "Ω", "ohms": "Ω", "kohm": "kΩ", "kOhm": "kΩ", "Pa": "Pa", "kPa": "kPa"}
 
 
 def plot_comparison(path: Path, rows: list[dict]) -> None:

@@ -26,8 +26,10 @@ from tasks.evaluate import evaluate_model, predictions_table, warnings_for
 from tasks.ingest import CELSIUS, READING, load_readings
 from tasks.models import make_model
 from tasks.normalize import Normalizer, fit_normalizer
-from tasks.report import calibration_markdown, plot_calibration
+from tasks.report import axis_label, calibration_markdown, plot_calibration
+from tasks.errors import TrainingDiverged
 from tasks.split import split_indices
+from tasks.stability import PLAIN_STEPS, advice, lr_warning
 from tasks.store import Store, sha256_json, write_json
 from tasks.train import Stopping, train_model
 
@@ -188,14 +190,22 @@ def train_calibration(
     y_train, y_val = (torch.from_numpy(celsius[i].astype(np.float32)) for i in (train_idx, val_idx))
     calibrated_range = (float(raw[train_idx].min()), float(raw[train_idx].max()))
     del raw, celsius, x_train, x_val  # only the training and validation rows stay in memory
+    warnings = [w for w in [lr_warning(fitted, f_train, lr)] if w and strategy in PLAIN_STEPS]
+    for warning in warnings:  # before training: the run still goes, and diverging is a lesson of its own
+        get_run_logger().warning(warning)
     progress = TrainingProgress(epochs)
     started = time.perf_counter()
-    result = train_model(
-        f_train, y_train, f_val, y_val, model=fitted,
-        strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
-        stopping=Stopping(tol=tol, patience=patience, val_patience=val_patience), batch_size=batch_size, seed=seed,
-        log_every=log_every, log=get_run_logger().info, progress=progress,
-    )
+    try:
+        result = train_model(
+            f_train, y_train, f_val, y_val, model=fitted,
+            strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
+            stopping=Stopping(tol=tol, patience=patience, val_patience=val_patience), batch_size=batch_size, seed=seed,
+            log_every=log_every, log=get_run_logger().info, progress=progress,
+        )
+    except TrainingDiverged as error:
+        raw_train = s.load(ingest)[READING].to_numpy()[train_idx]
+        hint = advice(model, raw_train, y_train.double().numpy(), normalizer, seed, epochs)
+        raise TrainingDiverged(f"{error} {hint} No model was saved.") from None
     seconds = time.perf_counter() - started
     progress.finish()
     calibration = Calibration(fitted, result.params, normalizer, calibrated_range)
@@ -214,7 +224,7 @@ def train_calibration(
         history["val_loss"] = result.val_loss
     files = {"train.joblib": _joblib(output), "loss_history.csv": _csv(history)}
     summary = {"model": model_summary(calibration), "calibration": output["calibration"], "epochs_run": result.epochs_run,
-               "stopped_by": result.stopped_by, "train_seconds": seconds}
+               "stopped_by": result.stopped_by, "train_seconds": seconds, "warnings": warnings}
     return s.write_stage("train", key, files, summary)
 
 
@@ -261,12 +271,15 @@ def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, 
         **{k: metrics[k] for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "train_rows", "val_rows")},
         "baselines": metrics.get("baselines"),
         "epochs_run": trained["epochs_run"],
+        "predictions": predictions["new"].to_dict(orient="records"),
         "settings": settings,
     }
     history = trained["history"]
+    summary["axes"] = labels = [axis_label(settings["reading_column"], "instrument units"), axis_label(settings["celsius_column"], "°C")]
     files = {
         "report.joblib": _joblib(summary),
-        "report.png": lambda path: plot_calibration(path, points, calibration.predict, calibration.range, history["train_loss"], history["val_loss"]),
+        "report.png": lambda path: plot_calibration(path, points, calibration.predict, calibration.range,
+                                                    history["train_loss"], history["val_loss"], labels),
         "report.md": lambda path: path.write_text(calibration_markdown(summary, settings, "report.png")),
     }
     return s.write_stage("report", key, files, {})

@@ -55,11 +55,7 @@ def _first_bad_epoch(losses: torch.Tensor, start: int, limit: float) -> int | No
 
 def _diverged(epoch: int, loss: float, first: float, strategy: str, lr: float) -> TrainingDiverged:
     what = f"became {loss}" if not np.isfinite(loss) else f"grew to {loss:.4g}, over {BLOW_UP:g} times its first value {first:.4g}"
-    return TrainingDiverged(
-        f"training diverged at epoch {epoch}: the training loss {what} (strategy {strategy}, lr {lr:g}). "
-        f"Use a smaller learning rate (e.g. --lr {lr / 100:g}) or normalize the readings "
-        "(--normalize standard, or --normalize scale --scale 0.1). No model was saved."
-    )
+    return TrainingDiverged(f"training diverged at epoch {epoch}: the training loss {what} (strategy {strategy}, lr {lr:g}).")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def test_cold_ephemeral_run_then_bad_data_then_predict(tmp_path, readings_csv):
     )
     assert predicted.returncode == 0, predicted.stderr
     cal = result["calibration"]
-    for row in json.loads(predicted.stdout):
+    for row in json.loads(predicted.stdout)["predictions"]:
         assert row["celsius"] == pytest.approx(cal["slope"] * row["reading"] + cal["intercept"], abs=1e-4)
 
 

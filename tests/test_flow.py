@@ -90,7 +90,7 @@ def test_divergence_stops_the_run_without_a_model(capsys, tmp_path, readings_csv
     store = tmp_path / "store"
     code, out, err = run(capsys, "run", "--store", str(store), "--data", str(readings_csv), "--normalize", "none", "--lr", "1e-2")
     assert code == 3 and out == ""
-    assert "diverged at epoch" in err and "smaller learning rate" in err and "Traceback" not in err
+    assert "diverged at epoch" in err and "stable only below lr" in err and "--normalize standard" in err and "Traceback" not in err
     assert not (store / "stages" / "04_train").exists()
     assert not [p for p in store.iterdir() if p.name[0].isdigit()]  # no run manifest
 
@@ -201,13 +201,13 @@ def test_predict_and_runs_use_the_persisted_model(capsys, tmp_path, readings_csv
     first = run_json(capsys, store, readings_csv, "--val-fraction", "0")
     second = run_json(capsys, store, readings_csv, "--strategy", "autograd", "--lr", "0.05")
     code, out, _ = run(capsys, "predict", "45.0", "60.2", "--store", str(store), "--json")
-    rows = json.loads(out)
+    rows = json.loads(out)["predictions"]
     cal = second["calibration"]
     assert code == 0 and [r["reading"] for r in rows] == [45.0, 60.2]
     for r in rows:
         assert r["celsius"] == pytest.approx(cal["slope"] * r["reading"] + cal["intercept"], abs=1e-4)
     code, out, _ = run(capsys, "predict", "45.0", "--run", first["run_id"], "--store", str(store), "--json")
-    assert json.loads(out)[0]["celsius"] == pytest.approx(first["calibration"]["slope"] * 45 + first["calibration"]["intercept"], abs=1e-4)
+    assert json.loads(out)["predictions"][0]["celsius"] == pytest.approx(first["calibration"]["slope"] * 45 + first["calibration"]["intercept"], abs=1e-4)
     code, out, err = run(capsys, "predict", "45.0", "--run", "20990101-000000-deadbeef", "--store", str(store))
     assert code == 2 and "no run" in err
     code, out, _ = run(capsys, "runs", "--store", str(store), "--json")

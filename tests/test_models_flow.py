@@ -92,7 +92,7 @@ def test_predict_uses_the_persisted_model_and_agrees_with_the_infer_stage(capsys
     infer = joblib.load(result["stages"]["infer"]["path"])["new"]
     code, out, err = run(capsys, "predict", *readings, "--store", str(store), "--json")
     assert code == 0, err
-    predicted = json.loads(out)
+    predicted = json.loads(out)["predictions"]
     assert [r["reading"] for r in predicted] == [float(r) for r in readings]
     np.testing.assert_allclose([r["celsius"] for r in predicted], infer["celsius"], rtol=0, atol=1e-9)
     np.testing.assert_allclose([r["celsius"] for r in result["predictions"]], infer["celsius"], rtol=0, atol=1e-9)

@@ -198,7 +198,8 @@ def test_the_ui_shows_the_run_its_stages_and_its_report(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     out = subprocess.run(
-        [str(BIN / "thermocal"), "run", "--json", "--data", str(SHIPPED_DATA), "--store", str(tmp_path / "store"), "--epochs", "300"],
+        [str(BIN / "thermocal"), "run", "--json", "--data", str(SHIPPED_DATA), "--store", str(tmp_path / "store"), "--epochs", "300",
+         "--predict", "45.5"],
         env=server["env"], capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
@@ -213,7 +214,17 @@ def test_the_ui_shows_the_run_its_stages_and_its_report(server, tmp_path):
         )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(f"{ui}/runs/flow-run/{flow_run_id}", wait_until="networkidle", timeout=90_000)
+            with page.expect_response(lambda r: r.url.endswith(f"/flow_runs/{flow_run_id}/graph-v2"), timeout=90_000) as drawn:
+                page.goto(f"{ui}/runs/flow-run/{flow_run_id}", wait_until="networkidle", timeout=90_000)
+            # the run graph as the UI draws it: each stage's arrows come from the stages before it in
+            # the pipeline only, and the stages start in the pipeline's order
+            nodes = {node["label"]: node for _, node in drawn.value.json()["nodes"]}
+            ids = {node["id"]: label for label, node in nodes.items()}
+            parents = {label: sorted({ids[p["id"]] for p in node["parents"]}) for label, node in nodes.items()}
+            assert parents == {"ingest": [], "normalize": ["ingest"], "split": ["ingest"], "train": ["normalize", "split"],
+                               "validate": ["train"], "infer": ["train"], "report": ["infer", "validate"], "record-run": ["report"]}
+            starts = [nodes[stage]["start_time"] for stage in STAGES]
+            assert starts == sorted(starts)
             page.get_by_text(flow_run.name).first.wait_for(timeout=60_000)
             page.get_by_text("Completed").first.wait_for(timeout=60_000)
             page.get_by_text("Task Runs", exact=True).first.click()
@@ -224,6 +235,8 @@ def test_the_ui_shows_the_run_its_stages_and_its_report(server, tmp_path):
             page.get_by_text("thermocal-metrics", exact=True).first.wait_for(timeout=60_000)
             page.get_by_text("thermocal-report", exact=True).first.click()
             page.get_by_text("°C =").first.wait_for(timeout=60_000)
+            page.get_by_text("New readings", exact=True).first.wait_for(timeout=60_000)  # the run's answers, in the report
+            page.get_by_text("45.5", exact=True).first.wait_for(timeout=60_000)
             plot = page.locator("img[src^='data:image/png']").first
             plot.wait_for(timeout=60_000)
             assert plot.evaluate("img => img.complete && img.naturalWidth") > 500  # the plot decoded and drew

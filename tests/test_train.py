@@ -45,7 +45,7 @@ def test_raw_inputs_at_lr_1e2_diverge_with_a_clear_error(strategy, seed_data):
     assert "diverged at epoch" in message
     epoch = int(message.split("epoch ")[1].split(":")[0])
     assert 1 < epoch <= 20  # inf by epoch 11 in the seed
-    assert "--lr" in message and "--normalize" in message
+    assert "(strategy " in message and "lr 0.01" in message
 
 
 def test_validation_loss_is_recorded_every_epoch(seed_data):

@@ -1,0 +1,80 @@
+"""`thermocal predict` and `thermocal runs`: the store's runs, read without Prefect or retraining."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def print_calibration(calibration: dict, prefix: str = "calibration: ") -> None:
+    """The calibration function in raw units, or, for the network, °C at readings across its range."""
+    from tasks.report import calibration_formula
+
+    formula = calibration_formula(calibration)
+    if formula is not None:
+        print(f"{prefix}{formula}")
+        return
+    low, high = calibration["range"]
+    print(f"{prefix}°C at readings across the calibrated range {low:g} to {high:g}:")
+    for row in calibration["table"]:
+        print(f"  {row['reading']:>12.6g} -> {row['celsius']:10.4f} °C")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """°C for readings from a persisted model: the latest one that may be trusted, or `--run`."""
+    from tasks.calibration import Calibration
+    from tasks.runs import choose_run
+    from tasks.store import Store
+
+    store = Store(args.store)
+    manifest, warning = choose_run(store, args.run_id, args.data)
+    trained = store.load({"stage": "train", **manifest["stages"]["train"]})
+    calibration = Calibration.from_record(trained["model"])
+    celsius = calibration.predict(args.readings)  # float64, from the persisted parameters
+    rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
+    if warning:
+        print(f"thermocal: warning: {warning}", file=sys.stderr)
+    if args.json:
+        answer = {"run_id": manifest["run_id"], "model": calibration.model.spec, "data": manifest["data"]["path"], "predictions": rows}
+        print(json.dumps({**answer, **({"warning": warning} if warning else {})}))
+        return 0
+    print_calibration(trained["calibration"], prefix=f"run {manifest['run_id']} ({calibration.model.spec}): ")
+    for row in rows:
+        print(f"  {row['reading']:g} -> {row['celsius']:.4f} °C")
+    return 0
+
+
+def runs(args: argparse.Namespace) -> int:
+    """Every run: its data file, model, settings, convergence and losses."""
+    from tasks.report import calibration_formula
+    from tasks.runs import list_runs
+    from tasks.store import Store
+
+    rows = list_runs(Store(args.store), args.data)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        scope = f" of {Path(args.data).resolve()}" if args.data else ""
+        print(f"no runs{scope} in {Path(args.store).resolve()}")
+        return 0
+    print(f"{'run id':<24} {'data (sha256)':<30} {'model':<8} {'strategy':<17} {'normalize':<9} {'lr':>7} {'rows':>5} "
+          f"{'epochs':>6} {'train loss':>11} {'val loss':>10} {'converged (gap)':<17} calibration")
+    for row in rows:
+        strategy = row["strategy"] + (f"/{row['optimizer']}" if row["optimizer"] else "")
+        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
+        name = Path(row["data"]).name
+        data = f"{name if len(name) <= 19 else name[:18] + '…'} ({row['data_sha256'][:8]})"
+        if row["converged"] is None:
+            converged = "n/a" if row["usable"] else "warning"
+        else:
+            converged = f"{'yes' if row['converged'] else 'NO'} ({max(row['gap_to_optimum'], 0.0):.1e})"
+        print(f"{row['run_id']:<24} {data:<30} {row['model']:<8} {strategy:<17} {row['normalize']:<9} {row['lr']:>7g} "
+              f"{row['train_rows'] if row['train_rows'] is not None else '-':>5} {row['epochs']:>6} {row['train_loss']:>11.6f} "
+              f"{val:>10} {converged:<17} {calibration_formula(row['calibration'], 'r') or '(network)'}")
+    folders = sorted({row["data"] for row in rows})
+    if len(folders) > 1:
+        print("data files: " + "; ".join(folders) + "  (--data PATH shows one)")
+    return 0

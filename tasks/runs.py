@@ -1,0 +1,81 @@
+"""The persisted runs as rows people and tools can tell apart, and which run `predict` may use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.errors import StoreError
+from tasks.store import Store
+
+
+def verdict(results: dict) -> str | None:
+    """Why a run's model should not be used without asking for it; None when it may be.
+
+    Models with a least-squares optimum must have converged to it; the network, which has none,
+    must have finished without a warning."""
+    converged = results.get("converged")
+    if converged is False:
+        return f"not converged (training loss {100 * results['gap_to_optimum']:.3g}% above the least-squares optimum)"
+    if converged is None and results.get("warnings"):
+        return results["warnings"][0]
+    return None
+
+
+def run_row(manifest: dict) -> dict:
+    """One run as a flat row: what `thermocal runs` prints and `runs --json` gives."""
+    p, r = {**manifest["parameters"], **manifest.get("effective", {})}, manifest["results"]
+    return {
+        "run_id": manifest["run_id"],
+        "created": manifest["created"],
+        "data": manifest["data"]["path"],
+        "data_sha256": manifest["data"]["sha256"],
+        "model": r["model"].get("spec", "linear"),  # runs recorded before model families were lines
+        "strategy": p["strategy"],
+        "optimizer": p["optimizer"] if p["strategy"] == "optimizer" else None,
+        "normalize": p["normalize"],
+        "lr": p["lr"],
+        "epochs": r.get("epochs_run", p["epochs"]),
+        "val_fraction": p["val_fraction"],
+        "train_rows": r.get("train_rows"),
+        "train_loss": r["train_loss"],
+        "val_loss": r["val_loss"],
+        "converged": r.get("converged"),
+        "gap_to_optimum": r.get("gap_to_optimum"),
+        "usable": verdict(r) is None,
+        "reason": verdict(r),
+        "calibration": r["calibration"],
+    }
+
+
+def _same_file(recorded: str, asked: str) -> bool:
+    return Path(recorded) == Path(asked).resolve()
+
+
+def list_runs(store: Store, data: str | None = None) -> list[dict]:
+    """Every run of the store as a row, oldest first; only those of the data file `data` when given."""
+    rows = [run_row(m) for m in store.manifests()]
+    return [row for row in rows if data is None or _same_file(row["data"], data)]
+
+
+def choose_run(store: Store, run_id: str | None, data: str | None) -> tuple[dict, str | None]:
+    """The manifest `predict` uses and a warning: the run asked for (warned about when its model
+    is not usable), or else the latest usable run (of `data` when given). StoreError, listing the
+    runs and what is wrong with each, when there is none."""
+    if run_id is not None:
+        manifest = store.manifest(run_id)
+        if data is not None and not _same_file(manifest["data"]["path"], data):
+            raise StoreError(f"run {run_id} was trained on {manifest['data']['path']}, not {Path(data).resolve()}")
+        reason = verdict(manifest["results"])
+        return manifest, None if reason is None else f"run {run_id} is used as asked, but its model should not be trusted: {reason}"
+    manifests = [m for m in store.manifests() if data is None or _same_file(m["data"]["path"], data)]
+    usable = [m for m in manifests if verdict(m["results"]) is None]
+    if usable:
+        return usable[-1], None
+    scope = f" of {Path(data).resolve()}" if data is not None else ""
+    if not manifests:
+        raise StoreError(f"no runs{scope} in {store.root}; run `thermocal run` first")
+    listed = "\n".join(f"  {m['run_id']} ({m['results']['model'].get('spec', 'linear')}): {verdict(m['results'])}" for m in manifests[-10:])
+    raise StoreError(
+        f"no run{scope} in {store.root} has a model to trust; the latest runs:\n{listed}\n"
+        "train one that converges (`thermocal run`, the error above says what to change), or name one with --run ID to use it anyway"
+    )
