@@ -155,9 +155,10 @@ def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed
     return Store(store).write_stage("split", key, files, {"train_rows": len(train_idx), "val_rows": len(val_idx)})
 
 
-def _rows(store: Store, ingest: dict, split: dict):
-    """The ingested readings and °C (float64) and the split's indices, each verified against its hash."""
-    table, idx = store.load(ingest), store.load(split)
+def _rows(store: Store, ingest: dict, split: dict, table: pd.DataFrame | None = None):
+    """The ingested readings and °C (float64) and the split's indices, each verified against its
+    hash (`table`: the ingested table, when the caller has loaded it already)."""
+    table, idx = store.load(ingest) if table is None else table, store.load(split)
     return table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
 
 
@@ -247,14 +248,15 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
 def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, readings: list[float]) -> dict:
     """°C for every reading of the dataset and for the new readings asked."""
     s = Store(store)
-    raw, celsius, _, val_idx = _rows(s, ingest, split)
+    table = s.load(ingest)
+    raw, celsius, _, val_idx = _rows(s, ingest, split, table)
     calibration = _calibration(s, train)
     dataset = predictions_table(calibration, raw, celsius, val_idx)
     new = pd.DataFrame({"reading": np.asarray(readings, dtype=np.float64)})
     new["celsius"] = calibration.predict(new["reading"].to_numpy())
     files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "new_predictions.csv": _csv(new)}
     if len(dataset) <= READABLE_ROWS:
-        files["predictions.csv"] = _csv(pd.concat([s.load(ingest), dataset], axis=1))
+        files["predictions.csv"] = _csv(pd.concat([table, dataset], axis=1))
     return s.write_stage("infer", key, files, {"new": new.to_dict(orient="records")})
 
 

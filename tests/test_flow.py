@@ -46,14 +46,24 @@ def run_json(capsys, store: Path, data: Path, *args: str) -> dict:
     return json.loads(out)
 
 
-def task_states(flow_run_id: str) -> dict[str, str]:
-    """Each stage's final state name, read back from the Prefect API."""
+def task_states(flow_run_id: str, timeout: float = 30.0) -> dict[str, str]:
+    """Each stage's final state name, read back from the Prefect API.
+
+    Task-run states reach the server as events, a moment after the flow returns: read until every
+    stage has a final one."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
-    return {r.name: r.state.name for r in runs if r.name in STAGES}
+        while True:
+            runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
+                    if r.name in STAGES]
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return {r.name: r.state.name if r.state else None for r in runs}
+            time.sleep(0.2)
 
 
 def snapshot(store: Path) -> dict | None:
