@@ -64,8 +64,15 @@ def _version() -> str:
     return f"thermocal {version('thermocal')} (prefect {version('prefect')}, torch {version('torch')})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose mistakes are said like every other: `thermocal: error: …` (and JSON with --json), exit 2."""
+
+    def error(self, message: str):
+        raise InvalidInput(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thermocal", description="Learn a thermometer's calibration by gradient descent.")
+    parser = _Parser(prog="thermocal", description="Learn a thermometer's calibration by gradient descent.")
     parser.add_argument("--version", action="version", version=_version(), help="print thermocal's version (and Prefect's and torch's)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -138,15 +145,18 @@ def _settings(args: argparse.Namespace) -> CalibrationSettings:
         raise InvalidInput(describe_validation_error(error)) from None
 
 
-class _UserErrorsSaidOnce(logging.Filter):
-    """thermocal says a user's mistake itself, once and last. On the terminal, Prefect's lines about
-    it (the task's and the flow's failure, each repeating the message) are dropped; Prefect's API
-    handler is left alone, so the run's record in the UI keeps every detail."""
+class _SaidOnce(logging.Filter):
+    """thermocal says a user's mistake itself, once and last, and a finished run's warnings in its
+    summary. On the terminal, Prefect's lines about them (the task's and the flow's failure, each
+    repeating the message; the validate stage's warnings) are dropped; Prefect's API handler is
+    left alone, so the run's record in the UI keeps every detail."""
 
     NAMES = tuple(cls.__name__ for cls in (InvalidInput, TrainingDiverged, StoreError))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], ThermocalError):
+            return False
+        if record.levelno == logging.WARNING and getattr(record, "task_run_name", None) == "validate":
             return False
         return not any(name in record.getMessage() for name in self.NAMES)
 
@@ -161,8 +171,8 @@ def _console_handlers() -> list[logging.Handler]:
 def _quiet_user_errors() -> None:
     for handler in _console_handlers():
         handler.setLevel(logging.NOTSET)  # heard again, should an earlier command in this process have silenced it
-        if not any(isinstance(f, _UserErrorsSaidOnce) for f in handler.filters):
-            handler.addFilter(_UserErrorsSaidOnce())
+        if not any(isinstance(f, _SaidOnce) for f in handler.filters):
+            handler.addFilter(_SaidOnce())
 
 
 def _silence_prefect_console() -> None:
@@ -184,7 +194,7 @@ def _print_run(summary: dict) -> None:
         print(f"training loss {summary['train_loss']:.6f} (best polynomials on the same rows: {best}), validation loss {val}")
     stop = {"epochs": "all epochs", "tol": "the loss settled", "validation": "validation stopped improving"}[summary["stopped_by"]]
     print(f"{summary['epochs_run']} epochs ({stop}) in {summary['train_seconds'] * 1000:.1f} ms of training")
-    for warning in summary["warnings"]:
+    for warning in summary["warnings"]:  # the --lr warning before training included: it said why the run went on
         print(f"warning: {warning}")
     for row in summary["predictions"]:
         print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
@@ -207,17 +217,21 @@ def _start_prefect(ephemeral: bool = True) -> None:
         start_ephemeral_server()
 
 
-def _check_data_file(path: str) -> None:
-    """Refuse a data file that cannot be opened before paying for Prefect's start-up (the flow checks again)."""
+def _check_data_file(path: str, settings: CalibrationSettings) -> None:
+    """Refuse a data file that cannot be opened, or lacks a column asked for, before paying for
+    Prefect's start-up (the ingest stage checks it all again, row by row)."""
+    from tasks.ingest import check_header
+
     try:
         open(path, "rb").close()
     except UNREADABLE as error:
         raise unreadable(path, error) from None
+    check_header(Path(path), settings.reading_column, settings.celsius_column)
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    _check_data_file(args.data)
+    _check_data_file(args.data, settings)
     _start_prefect()
     from flows.calibrate import calibrate
 
@@ -233,7 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
     from flows.serving import deployment_parameters, serve_calibration
 
     settings = _settings(args)
-    _check_data_file(args.data)
+    _check_data_file(args.data, settings)
     if args.interval is not None and not args.interval > 0:
         raise InvalidInput(f"--interval must be a positive number of seconds (got {args.interval:g})")
     parameters = deployment_parameters(args.data, args.store, settings, args.predict)
@@ -273,7 +287,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from tasks.settings import describe_validation_error, sweep_grid
 
     settings = _settings(args)
-    _check_data_file(args.data)
+    _check_data_file(args.data, settings)
     try:
         lrs = [float(v) for v in _split_list(args.lrs, "lrs")]
     except ValueError:
@@ -344,19 +358,28 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(error: ThermocalError, as_json: bool) -> int:
+    """Say the error once, last; with --json also as JSON on stdout, for tools. Returns its exit code."""
+    _silence_prefect_console()
+    if as_json:
+        print(json.dumps({"error": str(error), "exit_code": error.exit_code}))
+    print(f"thermocal: error: {error}", file=sys.stderr)
+    return error.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except InvalidInput as error:
+        return _fail(error, "--json" in argv)
     command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth,
                "predict": results.predict, "runs": results.runs}[args.command]
     try:
         return command(args)
     except ThermocalError as error:
-        _silence_prefect_console()
-        if getattr(args, "json", False):  # tools reading stdout get the same message and code
-            print(json.dumps({"error": str(error), "exit_code": error.exit_code}))
-        print(f"thermocal: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _fail(error, getattr(args, "json", False))
     except KeyboardInterrupt:
         print("thermocal: interrupted", file=sys.stderr)
         return 130

@@ -29,16 +29,20 @@ def predict(args: argparse.Namespace) -> int:
     from tasks.store import Store
 
     store = Store(args.store)
-    manifest, warning = choose_run(store, args.run_id, args.data)
+    manifest, warnings = choose_run(store, args.run_id, args.data)
     trained = store.load({"stage": "train", **manifest["stages"]["train"]})
     calibration = Calibration.from_record(trained["model"])
     celsius = calibration.predict(args.readings)  # float64, from the persisted parameters
     rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
-    if warning:
+    low, high = calibration.range
+    outside = [f"{r:g}" for r in args.readings if not low <= r <= high]
+    if outside:
+        warnings.append(f"reading(s) {', '.join(outside)} outside the calibrated range {low:g} to {high:g}: extrapolated")
+    for warning in warnings:
         print(f"thermocal: warning: {warning}", file=sys.stderr)
     if args.json:
         answer = {"run_id": manifest["run_id"], "model": calibration.model.spec, "data": manifest["data"]["path"], "predictions": rows}
-        print(json.dumps({**answer, **({"warning": warning} if warning else {})}))
+        print(json.dumps({**answer, **({"warning": "; ".join(warnings)} if warnings else {})}))
         return 0
     print_calibration(trained["calibration"], prefix=f"run {manifest['run_id']} ({calibration.model.spec}): ")
     for row in rows:

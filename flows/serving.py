@@ -162,11 +162,22 @@ def server_start(port: int, background: bool, timeout: float = STARTUP_TIMEOUT) 
     return 0
 
 
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def server_status(port: int) -> int:
     if server_healthy(port):
         print(f"up: {api_url(port)} (UI http://127.0.0.1:{port})")
         return 0
-    print(f"down: nothing answers on {api_url(port)}")
+    if _port_taken(port):
+        print(f"down: port {port} is in use by a program that is not a Prefect server (no answer on {api_url(port)}/health)")
+    else:
+        print(f"down: nothing answers on {api_url(port)}")
     return 1
 
 

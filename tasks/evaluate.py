@@ -14,6 +14,7 @@ from tasks.models import make_model
 # converged; further from it, the run still finishes but says so (more epochs, a larger --lr, or
 # normalized readings would close the gap).
 CONVERGED_GAP = 1e-3
+RESOLUTION_ULPS = 10  # float32 steps of the targets' size that an exact fit may still be off by
 # the network has no closed-form optimum: its training loss is compared with the best
 # polynomials of these degrees on the same rows instead
 BASELINE_DEGREES = (1, 2, 3)
@@ -60,14 +61,17 @@ def evaluate_model(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, train_idx
     # relative excess of the training loss over the best any model of this family can do on these rows
     best = optimum["train_loss"]
     gap = (train_loss - best) / best if best > 0 else train_loss - best
-    return {**metrics, "optimum": optimum, "gap_to_optimum": gap, "converged": bool(gap <= CONVERGED_GAP)}
+    # readings that a model fits (almost) exactly leave an optimum near 0, where float32 parameters
+    # cannot get within 0.1%: an excess below their resolution of the targets counts as converged
+    resolution = (RESOLUTION_ULPS * np.finfo(np.float32).eps) ** 2 * float(np.mean(y[train_idx] ** 2))
+    return {**metrics, "optimum": optimum, "gap_to_optimum": gap, "converged": bool(gap <= CONVERGED_GAP or train_loss - best <= resolution)}
 
 
-def warnings_for(metrics: dict, spec: str) -> list[str]:
-    """What the user should know about a finished training: not converged, or a network that fits
-    worse than a straight line."""
+def warnings_for(metrics: dict, spec: str, advice: str = "") -> list[str]:
+    """What the user should know about a finished training: not converged (with `advice`: what
+    would converge), or a network that fits worse than a straight line."""
     if metrics.get("converged") is False:
-        return [not_converged_message(metrics)]
+        return [not_converged_message(metrics) + (f"; {advice}" if advice else "")]
     line = (metrics.get("baselines") or {}).get("poly:1")
     if line is not None and metrics["train_loss"] > line * (1 + CONVERGED_GAP):
         return [f"{spec} fits the training rows worse than a straight line: training loss {metrics['train_loss']:.6f}, "
@@ -77,9 +81,9 @@ def warnings_for(metrics: dict, spec: str) -> list[str]:
 
 def not_converged_message(metrics: dict) -> str:
     return (
-        f"not converged: the training loss {metrics['train_loss']:.6f} is {100 * metrics['gap_to_optimum']:.3g}% above "
-        f"the least-squares optimum {metrics['optimum']['train_loss']:.6f} of the training rows; "
-        "train longer (--epochs), raise --lr, or normalize the readings (--normalize standard)"
+        f"not converged: the training loss {metrics['train_loss']:.6f} is above the least-squares optimum "
+        f"{metrics['optimum']['train_loss']:.6f} of the training rows by a relative gap of {metrics['gap_to_optimum']:.2e} "
+        f"(at most {CONVERGED_GAP:g} counts as converged)"
     )
 
 

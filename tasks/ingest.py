@@ -154,6 +154,8 @@ def _describe_failures(
             hint = ""
             if len(found) == 1 and (";" in str(found[0]) or "\t" in str(found[0])):
                 hint = "; the file looks separated by ';' or tabs: use commas"
+            elif len(found) >= 2:
+                hint = "; name the file's own columns with --reading-column and --celsius-column"
             lines.append((-1, f"column {value!r} is missing (columns found: {', '.join(repr(c) for c in found)}){hint}"))
         elif check == "enough_rows":
             lines.append((-1, f"{rows} row(s) of readings; at least {min_rows} needed (2 to train, 1 to validate when --val-fraction > 0)"))
@@ -191,17 +193,24 @@ def _failures(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> pd.DataFrame |
     return None
 
 
+def check_header(path: Path, reading_column: str, celsius_column: str) -> list[str]:
+    """The file's column names, or InvalidInput when it cannot be read or lacks a column asked for
+    (cheap: the header line only, so a command can say so before starting anything)."""
+    found = list(_read(path, nrows=0).columns)
+    if reading_column not in found or celsius_column not in found:
+        failures = _failures(readings_schema(reading_column, celsius_column), pd.DataFrame(columns=found))  # names every missing column
+        raise _refused(path, _describe_failures(failures, found, reading_column, 0, 0))
+    return found
+
+
 def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows: int) -> pd.DataFrame:
     """The file's readings as float64 columns `reading` and `celsius`, or InvalidInput listing every problem.
 
     Only the two columns are parsed; the frame pandas returns is validated and kept as it is (no
     copy), so peak memory is pandas' own parse of those columns.
     """
-    found = list(_read(path, nrows=0).columns)
+    found = check_header(path, reading_column, celsius_column)
     schema = readings_schema(reading_column, celsius_column)
-    if reading_column not in found or celsius_column not in found:
-        failures = _failures(schema, pd.DataFrame(columns=found))  # names every missing column
-        raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, 0))
     wanted = [reading_column, celsius_column]
     # usecols skips extra columns but doubles parse time: only ask for it when there are extra columns
     frame = _read(path, usecols=wanted) if len(found) > 2 else _read(path)

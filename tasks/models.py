@@ -39,9 +39,15 @@ def parse_spec(spec: str) -> tuple[str, int]:
         return "linear", 1
     if match:
         kind, size = match[2], int(match[3])
-        if size in (POLY_DEGREES if kind == "poly" else MLP_WIDTHS):
+        sizes = POLY_DEGREES if kind == "poly" else MLP_WIDTHS
+        if size in sizes:
             return kind, size
-    raise ValueError(f"unknown model {spec!r}; valid forms: {VALID_FORMS}")
+        what = "the degree K of poly:K" if kind == "poly" else "the width H of mlp:H"
+        raise ValueError(f"{what} must be {sizes.start}..{sizes.stop - 1} (got {spec!r}); valid forms: {VALID_FORMS}")
+    alias = {"line": "linear", "straight": "linear", "quadratic": "poly:2", "cubic": "poly:3", "quartic": "poly:4",
+             "quintic": "poly:5", "mlp": "mlp:13", "network": "mlp:13", "nn": "mlp:13"}.get(str(spec).strip().lower())
+    hint = f" (did you mean {alias}?)" if alias else ""
+    raise ValueError(f"unknown model {spec!r}{hint}; valid forms: {VALID_FORMS}")
 
 
 def canonical_spec(spec: str) -> str:

@@ -15,7 +15,7 @@ def verdict(results: dict) -> str | None:
     must have finished without a warning."""
     converged = results.get("converged")
     if converged is False:
-        return f"not converged (training loss {100 * results['gap_to_optimum']:.3g}% above the least-squares optimum)"
+        return f"not converged (relative gap {results['gap_to_optimum']:.2e} to the least-squares optimum)"
     if converged is None and results.get("warnings"):
         return results["warnings"][0]
     return None
@@ -57,23 +57,30 @@ def list_runs(store: Store, data: str | None = None) -> list[dict]:
     return [row for row in rows if data is None or _same_file(row["data"], data)]
 
 
-def choose_run(store: Store, run_id: str | None, data: str | None) -> tuple[dict, str | None]:
-    """The manifest `predict` uses and a warning: the run asked for (warned about when its model
-    is not usable), or else the latest usable run (of `data` when given). StoreError, listing the
-    runs and what is wrong with each, when there is none."""
+def choose_run(store: Store, run_id: str | None, data: str | None) -> tuple[dict, list[str]]:
+    """The manifest `predict` uses and what the user should know about it: the run asked for
+    (warned about when its model is not usable), or else the latest usable run (of `data` when
+    given; noted when the store holds runs of several data files). StoreError, listing the runs
+    and what is wrong with each, when there is none."""
     if run_id is not None:
         manifest = store.manifest(run_id)
         if data is not None and not _same_file(manifest["data"]["path"], data):
             raise StoreError(f"run {run_id} was trained on {manifest['data']['path']}, not {Path(data).resolve()}")
         reason = verdict(manifest["results"])
-        return manifest, None if reason is None else f"run {run_id} is used as asked, but its model should not be trusted: {reason}"
-    manifests = [m for m in store.manifests() if data is None or _same_file(m["data"]["path"], data)]
+        return manifest, [] if reason is None else [f"run {run_id} is used as asked, but its model should not be trusted: {reason}"]
+    everything = store.manifests()
+    manifests = [m for m in everything if data is None or _same_file(m["data"]["path"], data)]
     usable = [m for m in manifests if verdict(m["results"]) is None]
     if usable:
-        return usable[-1], None
+        chosen, files = usable[-1], {m["data"]["path"] for m in everything}
+        if data is None and len(files) > 1:
+            return chosen, [f"run {chosen['run_id']} calibrates {chosen['data']['path']}; the store holds runs of {len(files)} "
+                            "data files (`thermocal runs` lists them): --data PATH chooses one"]
+        return chosen, []
     scope = f" of {Path(data).resolve()}" if data is not None else ""
     if not manifests:
-        raise StoreError(f"no runs{scope} in {store.root}; run `thermocal run` first")
+        missing = " (no such file)" if data is not None and not Path(data).exists() else ""
+        raise StoreError(f"no runs{scope}{missing} in {store.root}; run `thermocal run{' --data ' + data if data else ''}` first")
     listed = "\n".join(f"  {m['run_id']} ({m['results']['model'].get('spec', 'linear')}): {verdict(m['results'])}" for m in manifests[-10:])
     raise StoreError(
         f"no run{scope} in {store.root} has a model to trust; the latest runs:\n{listed}\n"

@@ -116,10 +116,13 @@ def sweep_grid(settings: CalibrationSettings, strategies, lrs, normalizations, m
 
 
 def describe_validation_error(error) -> str:
-    """One line per invalid field of a pydantic ValidationError, naming the field."""
+    """One line per invalid option of a pydantic ValidationError, named as on the command line
+    (`--val-fraction`), with the value given unless the message already quotes it."""
     lines = []
     for item in error.errors():
         field = ".".join(str(part) for part in item["loc"]) or "settings"
+        flag = "--" + field.replace("_", "-") if field in CalibrationSettings.model_fields else field
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {field}: {message} (got {item.get('input')!r})")
+        given = repr(item.get("input"))
+        lines.append(f"  {flag}: {message}" + ("" if given in message else f" (got {given})"))
     return "invalid options:\n" + "\n".join(lines)

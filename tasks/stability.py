@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.models import Model, make_model
+from tasks.models import Model, default_lr, make_model
 from tasks.normalize import Normalizer, fit_normalizer
 
 # the network's curvature grows as it fits: a quarter of the bound at its start stayed stable on
@@ -126,10 +126,12 @@ def lr_warning(model: Model, features: torch.Tensor, lr: float) -> str | None:
             "expect the loss to diverge")
 
 
-def advice(spec: str, raw: np.ndarray, y: np.ndarray, normalizer: Normalizer, seed: int, epochs: int) -> str:
+def advice(spec: str, raw: np.ndarray, y: np.ndarray, normalizer: Normalizer, seed: int, epochs: int,
+           all_raw: np.ndarray | None = None) -> str:
     """What to change when training diverged: the stable bound, a rate that converges within the
     epoch budget (or how many epochs the best one needs), and what --normalize standard allows.
-    `raw` and `y` are the training rows; `normalizer` the run's."""
+    `raw` and `y` are the training rows; `normalizer` the run's; `all_raw` every reading (what
+    --normalize standard would be fitted on)."""
     found = curvature(spec, normalizer.apply64(raw), y, seed)
     if found.start_error is None:  # the network: only its curvature at the start is known
         text = (f"At its starting parameters the network's loss allows plain gradient descent up to lr {_lr(found.bound)} "
@@ -142,19 +144,41 @@ def advice(spec: str, raw: np.ndarray, y: np.ndarray, normalizer: Normalizer, se
         if needed is not None and needed <= epochs:
             text += f"; --lr {best:g} reaches the optimum in about {_epochs(needed)}."
         else:
-            more = f"about {_epochs(needed)}" if needed is not None else "more epochs than can be counted"
+            more = f"about {_epochs(needed)} (--epochs {needed})" if needed is not None else "more epochs than can be counted"
             text += (f"; no learning rate converges within {epochs} epochs here (condition number {found.condition:.2g}): "
                      f"the best, --lr {best:g}, needs {more}.")
-    standard = curvature(spec, fit_normalizer(raw, "standard").apply64(raw), y, seed) if normalizer.method != "standard" else found
+    z_scores = fit_normalizer(raw if all_raw is None else all_raw, "standard")
+    standard = curvature(spec, z_scores.apply64(raw), y, seed) if normalizer.method != "standard" else found
     if standard.bound > 1.5 * found.bound:  # z-scored readings help only where the scale of the readings matters
         if standard.start_error is None:
             text += f" With --normalize standard it is stable up to lr {_lr(standard.bound)}; try --lr {_lr(standard.bound * NETWORK_MARGIN)}."
         else:
-            rate = min(0.5, standard.best_lr)
+            rate = default_lr(spec, "standard") if default_lr(spec, "standard") < standard.bound else standard.best_lr
             text += (f" With --normalize standard it is stable up to lr {_lr(standard.bound)}, and --lr {rate:g} reaches the "
                      f"optimum in about {_epochs(standard.epochs_to_settle(rate))}.")
     return text
 
 
+def slow_advice(spec: str, raw: np.ndarray, y: np.ndarray, normalizer: Normalizer, lr: float) -> str:
+    """What to change when training stopped short of the optimum (a model linear in its
+    parameters): the epochs this learning rate needs, a faster one, and --normalize standard."""
+    found = curvature(spec, normalizer.apply64(raw), y, 0)
+    if found.start_error is None:
+        return ""
+    parts = []
+    needed = found.epochs_to_settle(lr)
+    if needed is not None:
+        parts.append(f"at --lr {lr:g} it needs about {_epochs(needed)} (--epochs {needed})")
+    best = found.best_lr
+    if best > 1.5 * lr:
+        parts.append(f"--lr {best:g} (stable up to {_lr(found.bound)}) reaches it in about {_epochs(found.epochs_to_settle(best))}")
+    if normalizer.method != "standard":
+        standard = curvature(spec, fit_normalizer(raw, "standard").apply64(raw), y, 0)  # the training rows' z-scores
+        if standard.bound > 1.5 * found.bound:
+            rate = default_lr(spec, "standard") if default_lr(spec, "standard") < standard.bound else standard.best_lr
+            parts.append(f"with --normalize standard, --lr {rate:g} reaches it in about {_epochs(standard.epochs_to_settle(rate))}")
+    return "; ".join(parts)
+
+
 def _epochs(count: int | None) -> str:
-    return "an unknown number of epochs" if count is None else f"{count:,} epoch{'s' if count != 1 else ''}"
+    return "an unknown number of epochs" if count is None else f"{count} epoch{'s' if count != 1 else ''}"

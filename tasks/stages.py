@@ -29,7 +29,7 @@ from tasks.normalize import Normalizer, fit_normalizer
 from tasks.report import axis_label, calibration_markdown, plot_calibration
 from tasks.errors import TrainingDiverged
 from tasks.split import split_indices
-from tasks.stability import PLAIN_STEPS, advice, lr_warning
+from tasks.stability import PLAIN_STEPS, advice, lr_warning, slow_advice
 from tasks.store import Store, sha256_json, write_json
 from tasks.train import Stopping, train_model
 
@@ -174,7 +174,8 @@ def model_summary(calibration: Calibration) -> dict:
     return {**parameters, **out} if calibration.model.kind == "linear" else out
 
 
-@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.errors"))
+@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.errors",
+                  "tasks.stability"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict, model: str,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
@@ -204,8 +205,8 @@ def train_calibration(
             log_every=log_every, log=get_run_logger().info, progress=progress,
         )
     except TrainingDiverged as error:
-        raw_train = s.load(ingest)[READING].to_numpy()[train_idx]
-        hint = advice(model, raw_train, y_train.double().numpy(), normalizer, seed, epochs)
+        readings = s.load(ingest)[READING].to_numpy()
+        hint = advice(model, readings[train_idx], y_train.double().numpy(), normalizer, seed, epochs, all_raw=readings)
         raise TrainingDiverged(f"{error} {hint} No model was saved.") from None
     seconds = time.perf_counter() - started
     progress.finish()
@@ -229,15 +230,18 @@ def train_calibration(
     return s.write_stage("train", key, files, summary)
 
 
-@_stage("validate", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize"))
+@_stage("validate", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.stability"))
 def validate_calibration(store: str, key: str, ingest: dict, split: dict, train: dict) -> dict:
     """Final losses with gradients off, and the gap to the least-squares optimum (or, for the
     network, the best polynomials' losses)."""
     s = Store(store)
     raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
-    calibration = _calibration(s, train)
+    trained = s.load(train)
+    calibration = Calibration.from_record(trained["model"])
     metrics = evaluate_model(calibration, raw, celsius, train_idx, val_idx)
-    metrics["warnings"] = warnings_for(metrics, calibration.model.spec)
+    hint = "" if metrics["converged"] is not False else slow_advice(
+        calibration.model.spec, raw[train_idx], celsius[train_idx], calibration.normalizer, trained["settings"]["lr"])
+    metrics["warnings"] = warnings_for(metrics, calibration.model.spec, hint)
     for warning in metrics["warnings"]:
         get_run_logger().warning(warning)
     files = {"validate.joblib": _joblib(metrics), "metrics.json": _json(metrics)}

@@ -1,6 +1,7 @@
 """Every file of tests/corpus and every bad option through the real entry point: exit 2, one message
 naming what is wrong and where, no traceback, and the store exactly as it was."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,14 @@ FILES = {
 }
 
 OPTIONS = {
-    "zero-lr": (["--lr", "0"], ["lr:", "greater than 0"]),
-    "negative-lr": (["--lr", "-0.01"], ["lr:", "greater than 0"]),
-    "zero-epochs": (["--epochs", "0"], ["epochs:", "greater than 0"]),
-    "val-fraction-1": (["--val-fraction", "1"], ["val_fraction:", "less than 1"]),
-    "val-fraction-negative": (["--val-fraction", "-0.1"], ["val_fraction:", "greater than or equal to 0"]),
-    "scale-0": (["--scale", "0"], ["scale:", "must not be 0"]),
-    "unknown-optimizer": (["--strategy", "optimizer", "--optimizer", "adamx"], ["optimizer:", "'adam'", "'sgd'"]),
-    "nan-lr": (["--lr", "nan"], ["lr:"]),
+    "zero-lr": (["--lr", "0"], ["--lr:", "greater than 0"]),
+    "negative-lr": (["--lr", "-0.01"], ["--lr:", "greater than 0"]),
+    "zero-epochs": (["--epochs", "0"], ["--epochs:", "greater than 0"]),
+    "val-fraction-1": (["--val-fraction", "1"], ["--val-fraction:", "less than 1"]),
+    "val-fraction-negative": (["--val-fraction", "-0.1"], ["--val-fraction:", "greater than or equal to 0"]),
+    "scale-0": (["--scale", "0"], ["--scale:", "must not be 0"]),
+    "unknown-optimizer": (["--strategy", "optimizer", "--optimizer", "adamx"], ["--optimizer:", "'adam'", "'sgd'"]),
+    "nan-lr": (["--lr", "nan"], ["--lr:"]),
 }
 
 
@@ -94,12 +95,12 @@ def test_bad_option(capsys, tmp_path, name):
     (["run", "--lr", "fast"], ["--lr", "invalid float value"]),
 ])
 def test_malformed_options_are_refused_by_the_parser(capsys, args, expected):
-    with pytest.raises(SystemExit) as exited:
-        run(capsys, *args)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and err.startswith("thermocal: error: thermocal run: argument ")
     for part in expected:
         assert part in err
+    code, out, err = run(capsys, *args, "--json")  # said the same way to tools
+    assert code == 2 and json.loads(out) == {"error": err.removeprefix("thermocal: error: ").strip(), "exit_code": 2}
 
 
 @pytest.mark.parametrize("run_id", ["../../etc", "20260101-000000-zzzzzzzz", "/tmp/x"])

@@ -176,3 +176,11 @@ def test_the_books_network_beats_the_line(seed_data):
     assert float(result.train_loss[-1]) < 2.927646
     again = train_model(0.1 * t_u, t_c, None, None, model=model, strategy="optimizer", optimizer="sgd", lr=1e-3, epochs=5000, seed=42)
     assert np.array_equal(result.params, again.params)  # the same seed reproduces the run bit for bit
+
+
+@pytest.mark.parametrize("spec", ["linear", "poly:2"])
+def test_readings_fitted_exactly_count_as_converged(spec):
+    raw = np.linspace(0.8, 2.6, 16)
+    y = 25.0 * (raw - 1.0) + (0.5 * raw**2 if spec == "poly:2" else 0.0)  # no noise: the optimum's loss is about 0
+    _, metrics, _ = _default_training(raw, y, spec, "analytic", val_fraction=0.2)
+    assert metrics["optimum"]["train_loss"] < 1e-20 and metrics["converged"]

@@ -100,11 +100,14 @@ def test_predict_uses_the_persisted_model_and_agrees_with_the_infer_stage(capsys
     assert code == 0 and f"({spec})" in out and f"45.5 -> {infer['celsius'][1]:.4f} °C" in out
 
 
-@pytest.mark.parametrize("spec", ["poly:0", "poly:9", "mlp:x", "cubic"])
-def test_a_bad_model_spec_exits_2_listing_the_valid_forms(capsys, tmp_path, readings_csv, spec):
+@pytest.mark.parametrize("spec, what", [("poly:0", "the degree K of poly:K must be 1..5 (got 'poly:0')"),
+                                        ("poly:9", "the degree K of poly:K must be 1..5 (got 'poly:9')"),
+                                        ("mlp:x", "unknown model 'mlp:x'"), ("cubic", "unknown model 'cubic' (did you mean poly:3?)")])
+def test_a_bad_model_spec_exits_2_listing_the_valid_forms(capsys, tmp_path, readings_csv, spec, what):
     code, out, err = run(capsys, "run", "--store", str(tmp_path / "s"), "--data", str(readings_csv), "--model", spec)
     assert code == 2 and out == ""
-    assert f"model: unknown model '{spec}'" in err and "linear; poly:K with K = 1..5" in err and "mlp:H with H = 1..256" in err
+    assert f"--model: {what}" in err and "linear; poly:K with K = 1..5" in err and "mlp:H with H = 1..256" in err
+    assert err.count(repr(spec)) == 1  # the value is quoted once
     assert "Traceback" not in err and not (tmp_path / "s").exists()
 
 

@@ -65,3 +65,15 @@ def test_a_port_taken_by_something_else_fails_with_the_servers_log(tmp_path):
     assert f"the Prefect server on port {port} exited with code" in started.stderr and "the end of its log" in started.stderr
     assert not (tmp_path / "home" / f"thermocal-server-{port}.pid").exists()
     assert "Traceback (most recent call last)" not in started.stderr.split("the end of its log")[0]
+
+
+def test_status_tells_a_port_held_by_another_program_from_a_free_one(tmp_path):
+    env = _env(tmp_path / "home")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        held = _thermocal(env, "status", "--port", str(port))
+    assert held.returncode == 1 and f"port {port} is in use by a program that is not a Prefect server" in held.stdout
+    free = _thermocal(env, "status", "--port", str(port))
+    assert free.returncode == 1 and "nothing answers" in free.stdout

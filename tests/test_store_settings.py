@@ -105,7 +105,7 @@ def test_latest_manifest(tmp_path):
 def test_bad_options_are_refused_naming_the_field(options, field):
     with pytest.raises(ValidationError) as error:
         CalibrationSettings(**options)
-    assert f"  {field}:" in describe_validation_error(error.value)
+    assert f"  --{field.replace('_', '-')}:" in describe_validation_error(error.value)
 
 
 def test_optimizer_names_are_case_insensitive_and_unknown_ones_list_the_choices():
