@@ -68,7 +68,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, whose mistakes are said like every other: `thermocal: error: …` (and JSON with --json), exit 2."""
 
     def error(self, message: str):
-        raise InvalidInput(f"{self.prog}: {message} (see {self.prog} --help)")
+        raise InvalidInput(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,7 +113,12 @@ def _parser() -> argparse.ArgumentParser:
     server.add_argument("--port", type=int, default=4200, help="API and UI port (default: %(default)s)")
     server.add_argument("--background", action="store_true", help="with start: return once its API answers (or fail with its log)")
 
-    predict = commands.add_parser("predict", help="convert readings to °C with a persisted model, without retraining")
+    predict = commands.add_parser(
+        "predict", help="convert readings to °C with a persisted model, without retraining", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="°C for instrument readings from a persisted calibration: the latest run whose model converged\n"
+                    "(of the data file --data names; without it, of any data file, and it says which), or --run ID.",
+        epilog="examples:\n  thermocal predict 45 60.2 --data data/readings.csv\n  thermocal predict 2.0 --run 20261130-063405-8f6691f9 --json",
+    )
     predict.add_argument("readings", type=float, nargs="+", metavar="READING", help="instrument readings, in the units of the data's reading column")
     predict.add_argument("--run", dest="run_id", help="run id, even one whose model did not converge (default: the latest run whose model did)")
     predict.add_argument("--data", help="only runs trained on this data file")

@@ -42,11 +42,12 @@ def predict(args: argparse.Namespace) -> int:
         print(f"thermocal: warning: {warning}", file=sys.stderr)
     if args.json:
         answer = {"run_id": manifest["run_id"], "model": calibration.model.spec, "data": manifest["data"]["path"], "predictions": rows}
-        print(json.dumps({**answer, **({"warning": "; ".join(warnings)} if warnings else {})}))
+        print(json.dumps({**answer, **({"warning": "; ".join(warnings), "warnings": warnings} if warnings else {})}))
         return 0
-    print_calibration(trained["calibration"], prefix=f"run {manifest['run_id']} ({calibration.model.spec}): ")
+    print(f"run {manifest['run_id']} ({calibration.model.spec}) of {manifest['data']['path']}")
+    print_calibration(trained["calibration"])
     for row in rows:
-        print(f"  {row['reading']:g} -> {row['celsius']:.4f} °C")
+        print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
     return 0
 
 

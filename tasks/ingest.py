@@ -154,7 +154,7 @@ def _describe_failures(
             hint = ""
             if len(found) == 1 and (";" in str(found[0]) or "\t" in str(found[0])):
                 hint = "; the file looks separated by ';' or tabs: use commas"
-            elif len(found) >= 2:
+            elif len(found) >= 2 and not any("--reading-column" in text for _, text in lines):
                 hint = "; name the file's own columns with --reading-column and --celsius-column"
             lines.append((-1, f"column {value!r} is missing (columns found: {', '.join(repr(c) for c in found)}){hint}"))
         elif check == "enough_rows":

@@ -72,11 +72,13 @@ def choose_run(store: Store, run_id: str | None, data: str | None) -> tuple[dict
     manifests = [m for m in everything if data is None or _same_file(m["data"]["path"], data)]
     usable = [m for m in manifests if verdict(m["results"]) is None]
     if usable:
-        chosen, files = usable[-1], {m["data"]["path"] for m in everything}
+        chosen, files, notes = usable[-1], {m["data"]["path"] for m in everything}, []
+        if manifests[-1] is not chosen:
+            notes.append(f"the latest run {manifests[-1]['run_id']} is not used: {verdict(manifests[-1]['results'])}")
         if data is None and len(files) > 1:
-            return chosen, [f"run {chosen['run_id']} calibrates {chosen['data']['path']}; the store holds runs of {len(files)} "
-                            "data files (`thermocal runs` lists them): --data PATH chooses one"]
-        return chosen, []
+            notes.append(f"run {chosen['run_id']} calibrates {chosen['data']['path']}; the store holds runs of {len(files)} "
+                         "data files (`thermocal runs` lists them): --data PATH chooses one")
+        return chosen, notes
     scope = f" of {Path(data).resolve()}" if data is not None else ""
     if not manifests:
         missing = " (no such file)" if data is not None and not Path(data).exists() else ""

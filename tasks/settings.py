@@ -56,7 +56,7 @@ class CalibrationSettings(BaseModel):
     optimizer: OptimizerName = Field("sgd", description="torch.optim optimizer for --strategy optimizer, any case")
     lr: float | None = Field(
         None, gt=0.0, description="learning rate (default: by model and normalization: linear 0.5 with --normalize standard, "
-        "0.01 with scale, 1e-4 with none; poly 0.5; mlp 0.01, 1e-3, 1e-5)",
+        "0.01 with scale, 1e-4 with none; poly 0.5 with any; mlp 0.01 with standard, 1e-3 with scale, 1e-5 with none)",
     )
     epochs: int | None = Field(None, gt=0, description=f"train exactly this many epochs (default: until the loss settles, at most {MAX_EPOCHS})")
     tol: float | None = Field(

@@ -96,7 +96,7 @@ def test_bad_option(capsys, tmp_path, name):
 ])
 def test_malformed_options_are_refused_by_the_parser(capsys, args, expected):
     code, out, err = run(capsys, *args)
-    assert code == 2 and out == "" and err.startswith("thermocal: error: thermocal run: argument ")
+    assert code == 2 and out == "" and err.startswith("thermocal: error: argument ")
     for part in expected:
         assert part in err
     code, out, err = run(capsys, *args, "--json")  # said the same way to tools

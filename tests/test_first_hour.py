@@ -32,7 +32,9 @@ def test_predict_uses_the_latest_converged_run_and_warns_when_told_to_use_anothe
     bad = run_json(capsys, store, readings_csv, *NOT_CONVERGED)  # the latest run, far from converged
     assert bad["converged"] is False
     code, answer, err = predict_json(capsys, store)
-    assert code == 0 and answer["run_id"] == good["run_id"] and "warning" not in answer and "warning" not in err
+    assert code == 0 and answer["run_id"] == good["run_id"]
+    assert answer["warnings"] == [f"the latest run {bad['run_id']} is not used: not converged (relative gap {bad['gap_to_optimum']:.2e} "
+                                  "to the least-squares optimum)"]  # said, so nobody wonders why their latest run was passed over
     assert answer["model"] == "linear" and answer["data"] == str(readings_csv.resolve())
     cal = good["calibration"]
     assert answer["predictions"][0]["celsius"] == pytest.approx(cal["slope"] * 45 + cal["intercept"], abs=1e-9)

@@ -61,7 +61,8 @@ def task_states(flow_run_id: str, timeout: float = 30.0) -> dict[str, str]:
         while True:
             runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[uuid.UUID(flow_run_id)])))
                     if r.name in STAGES]
-            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+            complete = {r.name for r in runs} >= set(STAGES) and all(r.state is not None and r.state.is_final() for r in runs)
+            if complete or time.monotonic() > deadline:
                 return {r.name: r.state.name if r.state else None for r in runs}
             time.sleep(0.2)
 

@@ -84,11 +84,17 @@ def _completed_runs(client, deployment_id) -> list:
     )
 
 
-def _stage_states(client, flow_run_id) -> dict[str, str]:
+def _stage_states(client, flow_run_id, timeout: float = 30.0) -> dict[str, str]:
+    """Each stage's final state; task runs reach the server as events, a moment after the flow run's state."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs if r.name in STAGES}
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [r for r in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))) if r.name in STAGES]
+        complete = len(runs) == len(STAGES) and all(r.state is not None and r.state.is_final() for r in runs)
+        if complete or time.monotonic() > deadline:
+            return {r.name: r.state.name if r.state else None for r in runs}
+        time.sleep(0.5)
 
 
 def _wait_for(predicate, timeout: float, what: str, serve: subprocess.Popen, log: Path):
