@@ -77,12 +77,13 @@ class FiniteDifferenceStepper(Stepper):
         # rows: p, p + d e_0, p - d e_0, p + d e_1, p - d e_1, ...  -> shape (2P + 1, P)
         self.offsets = torch.cat([torch.zeros(1, count, dtype=params.dtype),
                                   torch.stack([shifts, -shifts], dim=1).reshape(-1, count)])
+        # up to this many rows, every point is evaluated at once (decided here, not every epoch)
+        self.whole_rows = FD_BUDGET // (len(self.offsets) * model.width)
 
     def _losses(self, points, f, y):
-        per_point = len(y) * self.model.width
-        chunk = max(1, FD_BUDGET // max(per_point, 1))
-        if chunk >= len(points):
+        if len(y) <= self.whole_rows:
             return ((self.model.forward(points, f) - y) ** 2).mean(dim=1)
+        chunk = max(1, FD_BUDGET // (len(y) * self.model.width))
         return torch.cat([((self.model.forward(part, f) - y) ** 2).mean(dim=1) for part in points.split(chunk)])
 
     def loss_and_gradient(self, f, y):
