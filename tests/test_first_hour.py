@@ -15,7 +15,7 @@ import joblib
 import numpy as np
 import pytest
 
-from tests.test_flow import STAGES, manifest, run, run_json
+from tests.test_flow import manifest, run, run_json
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 NOT_CONVERGED = ["--lr", "1e-4", "--epochs", "5"]

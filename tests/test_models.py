@@ -1,7 +1,6 @@
 """The model families: specs, the orthonormal basis, parameters as data, raw-unit coefficients,
 and training every family to its reference (plain functions, no Prefect)."""
 
-import json
 import subprocess
 import sys
 
