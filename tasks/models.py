@@ -188,16 +188,20 @@ class Poly(Model):
     def buffers(self):
         return {"alpha": self.alpha, "beta": self.beta}
 
-    def features(self, x):
-        """P_0(x) ... P_K(x) as columns, shape (n, K + 1), in x's dtype."""
-        columns = [torch.ones_like(x)]
-        previous = torch.zeros_like(x)
+    def _basis(self, x, one, zero) -> list:
+        """P_0 ... P_K by the recurrence, for x of any type with arithmetic: a tensor of readings, or
+        numpy's Polynomial of x itself (which gives each P_k's coefficients in powers of x)."""
+        basis, previous = [one], zero
         for k in range(self.degree):
             beta_k = float(self.beta[k - 1]) if k > 0 else 0.0
-            following = ((x - float(self.alpha[k])) * columns[-1] - beta_k * previous) / float(self.beta[k])
-            previous = columns[-1]
-            columns.append(following)
-        return torch.stack(columns, dim=1)
+            following = ((x - float(self.alpha[k])) * basis[-1] - beta_k * previous) / float(self.beta[k])
+            previous = basis[-1]
+            basis.append(following)
+        return basis
+
+    def features(self, x):
+        """P_0(x) ... P_K(x) as columns, shape (n, K + 1), in x's dtype."""
+        return torch.stack(self._basis(x, torch.ones_like(x), torch.zeros_like(x)), dim=1)
 
     def design(self, f):
         return f
@@ -213,18 +217,9 @@ class Poly(Model):
     def initial(self, generator=None):
         return torch.zeros(self.degree + 1)
 
-    def _basis_in_powers(self) -> list[np.polynomial.Polynomial]:
-        P = np.polynomial.Polynomial
-        basis, previous, x = [P([1.0])], P([0.0]), P([0.0, 1.0])
-        for k in range(self.degree):
-            beta_k = self.beta[k - 1] if k > 0 else 0.0
-            following = ((x - self.alpha[k]) * basis[-1] - beta_k * previous) / self.beta[k]
-            previous = basis[-1]
-            basis.append(following)
-        return basis
-
     def raw_coefficients(self, theta, normalizer):
-        in_x = sum((float(c) * p for c, p in zip(theta, self._basis_in_powers())), np.polynomial.Polynomial([0.0]))
+        P = np.polynomial.Polynomial
+        in_x = sum((float(c) * p for c, p in zip(theta, self._basis(P([0.0, 1.0]), P([1.0]), P([0.0])))), P([0.0]))
         # x = (reading - shift) * factor
         raw = in_x(np.polynomial.Polynomial([-normalizer.shift * normalizer.factor, normalizer.factor]))
         coefficients = [float(c) for c in raw.coef] + [0.0] * (self.degree + 1 - len(raw.coef))
