@@ -218,7 +218,8 @@ def _free_port() -> int:
 
 
 def bench_overhead() -> None:
-    from flows.serving import server_env, server_healthy
+    from flows.daemon import healthy as server_healthy
+    from flows.daemon import server_env
 
     home = CACHE / "prefect-home"
     base = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}

@@ -1,6 +1,7 @@
 """The calibration flow: ingest -> normalize -> split -> train -> validate -> infer -> report."""
 
 
+import asyncio
 import concurrent.futures
 import time
 from dataclasses import dataclass
@@ -97,18 +98,18 @@ class Call:
         return [done(state) for state in self.upstream]
 
 
-def stage_result(state, store: Store, started: float, call: Call) -> StageRun:
+async def stage_result(state, store: Store, started: float, call: Call) -> StageRun:
     """The stage's run from its final state; raises the stage's own error when it failed."""
     if state.is_failed():
         _discard_failure_record(state, store)
-    return StageRun(call.name, state.result(), state.name == "Cached", time.perf_counter() - started, state, call.ancestors)
+    return StageRun(call.name, await state.aresult(), state.name == "Cached", time.perf_counter() - started, state, call.ancestors)
 
 
-def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
-    """Run one stage through Prefect's cache, in this thread."""
+async def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
+    """Run one stage through Prefect's cache, awaited on the flow's event loop (its body runs in a thread)."""
     started = time.perf_counter()
     configured, call = stage_call(stage_task, store, keyed, **unkeyed)
-    return stage_result(configured(**call.quoted, wait_for=call.wait_for, return_state=True), store, started, call)
+    return await stage_result(await configured(**call.quoted, wait_for=call.wait_for, return_state=True), store, started, call)
 
 
 def _discard_failure_record(state, store: Store) -> None:
@@ -124,12 +125,12 @@ def run_tags(settings: CalibrationSettings) -> list[str]:
     return found + ([f"optimizer:{settings.optimizer}"] if settings.strategy == "optimizer" else [])
 
 
-def _tag_flow_run(extra: list[str]) -> None:
+async def _tag_flow_run(extra: list[str]) -> None:
     """Add tags to this flow run, however it was started (CLI, schedule, UI form)."""
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(extra)))
+    async with get_client() as client:
+        await client.update_flow_run(flow_run.id, tags=sorted(set(flow_run.tags) | set(extra)))
 
 
 def data_file_sha256(path: Path) -> str:
@@ -175,7 +176,7 @@ def evaluate_inputs(ingest: StageRun, split: StageRun, train: StageRun) -> dict:
 
 
 @flow(name="thermocal-calibrate", persist_result=False)
-def calibrate(
+async def calibrate(
     data: str = "data/readings.csv",
     store: str = "data/runs",
     settings: CalibrationSettings = CalibrationSettings(),
@@ -183,23 +184,26 @@ def calibrate(
 ) -> dict:
     """Learn a calibration (°C from readings: a line, a polynomial or a small network) from paired readings, persisting every stage."""
     s, data_path, predict = Store(store), Path(data).resolve(), list(predict or [])
-    _tag_flow_run(run_tags(settings))
-    with s.tidy_on_failure(), tags(*run_tags(settings)):
-        data_sha256 = data_file_sha256(data_path)
-        ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
-        normalize = _run_stage(normalize_readings, s, normalize_inputs(settings, ingest))
-        split = _run_stage(split_readings, s, split_inputs(settings, ingest))
-        upstream = {"ingest": ingest, "normalize": normalize, "split": split}
-        train = _run_stage(train_calibration, s, train_inputs(settings, upstream), log_every=settings.log_every)
-        validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
-        infer = _run_stage(infer_celsius, s, {**evaluate_inputs(ingest, split, train), "readings": predict})
-        used = settings_used(settings)
-        report = _run_stage(report_run, s, {"ingest": ingest, "train": train, "validate": validate, "infer": infer, "settings": used})
-        stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
-                  "validate": validate, "infer": infer, "report": report}
-        effective = {"lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
-        runs = {name: {"ref": run.ref, "cached": run.cached, "seconds": run.seconds} for name, run in stages.items()}
-        summary = record_run(quote(str(s.root)), quote(str(data_path)), quote(data_sha256), quote(settings.model_dump()),
-                             quote(effective), quote(predict), quote(runs), wait_for=[done(report.state)])
-        publish_run(summary, used)
-        return summary
+    tagging = asyncio.create_task(_tag_flow_run(run_tags(settings)))  # while the stages run
+    try:
+        with s.tidy_on_failure(), tags(*run_tags(settings)):
+            data_sha256 = data_file_sha256(data_path)
+            ingest = await _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
+            normalize = await _run_stage(normalize_readings, s, normalize_inputs(settings, ingest))
+            split = await _run_stage(split_readings, s, split_inputs(settings, ingest))
+            upstream = {"ingest": ingest, "normalize": normalize, "split": split}
+            train = await _run_stage(train_calibration, s, train_inputs(settings, upstream), log_every=settings.log_every)
+            validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
+            infer = await _run_stage(infer_celsius, s, {**evaluate_inputs(ingest, split, train), "readings": predict})
+            used = settings_used(settings)
+            report = await _run_stage(report_run, s, {"ingest": ingest, "train": train, "validate": validate, "infer": infer, "settings": used})
+            stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
+                      "validate": validate, "infer": infer, "report": report}
+            effective = {"lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
+            runs = {name: {"ref": run.ref, "cached": run.cached, "seconds": run.seconds} for name, run in stages.items()}
+            summary = await record_run(quote(str(s.root)), quote(str(data_path)), quote(data_sha256), quote(settings.model_dump()),
+                                       quote(effective), quote(predict), quote(runs), wait_for=[done(report.state)])
+            await publish_run(summary, used)
+            return summary
+    finally:
+        await tagging  # a failed run is tagged too

@@ -7,25 +7,17 @@ Exit codes: 0 success; 2 a user's mistake (bad data file, bad option, unknown ru
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import logging
-import os
 import sys
 import types
 import typing
 from pathlib import Path
 
-from tasks.errors import UNREADABLE, InvalidInput, StoreError, ThermocalError, TrainingDiverged, unreadable
 from flows import results
+from flows.connect import prefect_session, silence_prefect_console
+from tasks.errors import UNREADABLE, InvalidInput, ThermocalError, unreadable
 from tasks.settings import CalibrationSettings
-
-# Prefect reads these when it is imported. A cold ephemeral server takes about 17 s to become
-# healthy, close to Prefect's 20 s default timeout; there is no internet for telemetry here.
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-}
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object")
 
-    serve = commands.add_parser("serve", help="serve the pipeline as a scheduled deployment (needs PREFECT_API_URL)")
+    serve = commands.add_parser("serve", help="serve the pipeline as a scheduled deployment (on PREFECT_API_URL's server, or thermocal's local one)")
     when = serve.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help="cron schedule, e.g. '0 * * * *' for hourly")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
@@ -109,9 +101,12 @@ def _parser() -> argparse.ArgumentParser:
 
     server = commands.add_parser("server", help="a local Prefect server and UI on 127.0.0.1")
     server.add_argument("action", choices=("start", "status", "stop"),
-                        help="start: a server on 127.0.0.1 (foreground, or --background); status: up or down (exit 0/1); stop: a --background server")
-    server.add_argument("--port", type=int, default=4200, help="API and UI port (default: %(default)s)")
+                        help="start: a server on 127.0.0.1 (foreground, or --background); status: up or down (exit 0/1); "
+                             "stop: thermocal's server (the one `thermocal run` starts on first need, or a --background one)")
+    server.add_argument("--port", type=int, help="API and UI port (default: 4200 for start; for status and stop, thermocal's servers wherever they run)")
     server.add_argument("--background", action="store_true", help="with start: return once its API answers (or fail with its log)")
+    server.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                        help="with start --background: stop after this long unused; 0: never (default: %(default)s)")
 
     predict = commands.add_parser(
         "predict", help="convert readings to °C with a persisted model, without retraining", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -150,43 +145,6 @@ def _settings(args: argparse.Namespace) -> CalibrationSettings:
         raise InvalidInput(describe_validation_error(error)) from None
 
 
-class _SaidOnce(logging.Filter):
-    """thermocal says a user's mistake itself, once and last, and a finished run's warnings in its
-    summary. On the terminal, Prefect's lines about them (the task's and the flow's failure, each
-    repeating the message; the validate stage's warnings) are dropped; Prefect's API handler is
-    left alone, so the run's record in the UI keeps every detail."""
-
-    NAMES = tuple(cls.__name__ for cls in (InvalidInput, TrainingDiverged, StoreError))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ThermocalError):
-            return False
-        if record.levelno == logging.WARNING and getattr(record, "task_run_name", None) == "validate":
-            return False
-        return not any(name in record.getMessage() for name in self.NAMES)
-
-
-def _console_handlers() -> list[logging.Handler]:
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(name) for name in [None, *logging.root.manager.loggerDict] if name is None or name.startswith("prefect")]
-    return [h for logger in loggers for h in getattr(logger, "handlers", []) if isinstance(h, PrefectConsoleHandler)]
-
-
-def _quiet_user_errors() -> None:
-    for handler in _console_handlers():
-        handler.setLevel(logging.NOTSET)  # heard again, should an earlier command in this process have silenced it
-        if not any(isinstance(f, _SaidOnce) for f in handler.filters):
-            handler.addFilter(_SaidOnce())
-
-
-def _silence_prefect_console() -> None:
-    """Nothing of Prefect's after thermocal's error line (its temporary server says goodbye at exit)."""
-    if "prefect" in sys.modules:
-        for handler in _console_handlers():
-            handler.setLevel(logging.CRITICAL + 1)
-
-
 def _print_run(summary: dict) -> None:
     print(f"model: {summary['model']['spec']}")
     results.print_calibration(summary["calibration"])
@@ -209,38 +167,39 @@ def _print_run(summary: dict) -> None:
     print(f"plot: {summary['report']}")
 
 
-def _start_prefect(ephemeral: bool = True) -> None:
-    """Prefect's settings for this machine, quiet user errors, and (unless PREFECT_API_URL names a
-    server) its temporary server, started the way concurrent first runs can share."""
-    for name, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    import flows.calibrate  # noqa: F401  (imports Prefect, whose logging set-up _quiet_user_errors adjusts)
-    from flows.serving import start_ephemeral_server
+def _header(path: str) -> list[str]:
+    """The CSV's column names as the csv module reads its first line; [] if that fails."""
+    import csv
 
-    _quiet_user_errors()
-    if ephemeral:
-        start_ephemeral_server()
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
 
 
 def _check_data_file(path: str, settings: CalibrationSettings) -> None:
     """Refuse a data file that cannot be opened, or lacks a column asked for, before paying for
-    Prefect's start-up (the ingest stage checks it all again, row by row)."""
-    from tasks.ingest import check_header
-
+    Prefect's start-up (the ingest stage checks it all again, row by row). A header that names
+    both columns passes at once; any other gets pandas' and pandera's reading and its message."""
     try:
         open(path, "rb").close()
     except UNREADABLE as error:
         raise unreadable(path, error) from None
+    if {settings.reading_column, settings.celsius_column} <= set(_header(path)):
+        return
+    from tasks.ingest import check_header
+
     check_header(Path(path), settings.reading_column, settings.celsius_column)
 
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _check_data_file(args.data, settings)
-    _start_prefect()
-    from flows.calibrate import calibrate
+    with prefect_session():
+        from flows.calibrate import calibrate
 
-    summary = calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict)
+        summary = asyncio.run(calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict))
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -256,8 +215,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.interval is not None and not args.interval > 0:
         raise InvalidInput(f"--interval must be a positive number of seconds (got {args.interval:g})")
     parameters = deployment_parameters(args.data, args.store, settings, args.predict)
-    _start_prefect(ephemeral=False)  # a schedule needs a real server: serve_calibration checks for one
-    serve_calibration(args.name, parameters, settings, args.cron, args.interval)
+    with prefect_session(serving=True):  # a schedule needs a real server: serve_calibration checks for one
+        serve_calibration(args.name, parameters, settings, args.cron, args.interval)
     return 0
 
 
@@ -306,14 +265,14 @@ def _sweep(args: argparse.Namespace) -> int:
     models = list(dict.fromkeys(config.model for config in grid))  # canonical specs, in the order given
     if args.workers is not None and args.workers < 1:
         raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
-    _start_prefect()
-    from flows.sweep import sweep
+    with prefect_session():
+        from flows.sweep import sweep
 
-    runner = _task_runner(args, len(grid))
-    result = sweep.with_options(task_runner=runner)(
-        data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations,
-        models=models,
-    )
+        runner = _task_runner(args, len(grid))
+        result = asyncio.run(sweep.with_options(task_runner=runner)(
+            data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations,
+            models=models,
+        ))
     if args.json:
         print(json.dumps(result["rows"], indent=2))
     else:
@@ -340,7 +299,7 @@ def _server(args: argparse.Namespace) -> int:
     from flows import serving
 
     if args.action == "start":
-        return serving.server_start(args.port, args.background)
+        return serving.server_start(args.port or serving.DEFAULT_PORT, args.background, args.idle)
     if args.action == "status":
         return serving.server_status(args.port)
     return serving.server_stop(args.port)
@@ -365,7 +324,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 def _fail(error: ThermocalError, as_json: bool) -> int:
     """Say the error once, last; with --json also as JSON on stdout, for tools. Returns its exit code."""
-    _silence_prefect_console()
+    silence_prefect_console()
     if as_json:
         print(json.dumps({"error": str(error), "exit_code": error.exit_code}))
     print(f"thermocal: error: {error}", file=sys.stderr)

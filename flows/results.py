@@ -32,7 +32,7 @@ def predict(args: argparse.Namespace) -> int:
     manifest, warnings = choose_run(store, args.run_id, args.data)
     trained = store.load({"stage": "train", **manifest["stages"]["train"]})
     calibration = Calibration.from_record(trained["model"])
-    celsius = calibration.predict(args.readings)  # float64, from the persisted parameters
+    celsius = calibration.predict(args.readings, engine="numpy")  # float64, from the persisted parameters, without torch
     rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
     low, high = calibration.range
     outside = [f"{r:g}" for r in args.readings if not low <= r <= high]

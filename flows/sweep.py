@@ -25,7 +25,7 @@ from tasks.store import Store
 
 
 @flow(name="thermocal-sweep", persist_result=False)
-def sweep(
+async def sweep(
     data: str = "data/readings.csv",
     store: str = "data/runs",
     settings: CalibrationSettings = CalibrationSettings(),
@@ -40,9 +40,9 @@ def sweep(
     grid = sweep_grid(settings, strategies, lrs, normalizations, models)
     with s.tidy_on_failure():
         data_sha256 = data_file_sha256(data_path)
-        ingest = _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
-        split = _run_stage(split_readings, s, split_inputs(settings, ingest))
-        normalized = {n: _run_stage(normalize_readings, s, normalize_inputs(c, ingest))
+        ingest = await _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
+        split = await _run_stage(split_readings, s, split_inputs(settings, ingest))
+        normalized = {n: await _run_stage(normalize_readings, s, normalize_inputs(c, ingest))
                       for n, c in {c.normalize: c for c in grid}.items()}
         submitted = []
         remote = type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
@@ -58,11 +58,11 @@ def sweep(
         for config, call, started, future in submitted:
             future.wait()
             try:
-                train = stage_result(future.state, s, started, call)
+                train = await stage_result(future.state, s, started, call)
             except ThermocalError as error:  # one diverging combination does not sink the sweep
                 rows.append({"config": config.model_dump(), "error": str(error)})
                 continue
-            validate = _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
+            validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
             rows.append({"config": config.model_dump(), "lr": config.learning_rate, "train": train.ref["summary"],
                          "validate": validate.ref["summary"], "cached": train.cached, "train_path": train.ref["path"]})
         return record_sweep(str(s.root), str(data_path), data_sha256, rows)

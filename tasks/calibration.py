@@ -7,9 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from tasks.model import calc_forward
 from tasks.models import Model, load_model
 from tasks.normalize import Normalizer
 
@@ -39,19 +37,32 @@ class Calibration:
             "range": [float(v) for v in self.range],
         }
 
-    def features(self, readings) -> torch.Tensor:
-        """What the model reads for raw readings, in float64."""
-        x = torch.from_numpy(self.normalizer.apply64(np.asarray(readings, dtype=np.float64).reshape(-1)))
-        return self.model.features(x)
+    def features(self, readings):
+        """What the model reads for raw readings, in float64 (a numpy array)."""
+        return self.model.features(self.normalizer.apply64(np.asarray(readings, dtype=np.float64).reshape(-1)))
 
-    def predict(self, readings) -> np.ndarray:
-        """°C for raw readings in float64, through calc_forward with gradients off; in slices of
-        readings, so a network's hidden layer on 10 million rows never sits in memory at once."""
+    def predict(self, readings, engine: str = "torch") -> np.ndarray:
+        """°C for raw readings in float64, in slices of readings, so a network's hidden layer on 10
+        million rows never sits in memory at once.
+
+        engine "torch": the seed's inference, calc_forward with gradients off (the stages);
+        "numpy": the same forward pass on numpy arrays, for commands that answer without importing
+        torch (`thermocal predict`); the two agree to float64 rounding (tests/test_fast_commands.py).
+        """
         readings = np.asarray(readings, dtype=np.float64).reshape(-1)
-        theta = torch.from_numpy(self.theta.astype(np.float64))
         rows = max(1, PREDICT_BUDGET // self.model.size)
-        parts = [calc_forward(self.model, theta, self.features(readings[start : start + rows]), None, is_train=False)[0].numpy()
-                 for start in range(0, len(readings), rows)]
+        slices = [readings[start : start + rows] for start in range(0, len(readings), rows)]
+        if engine == "numpy":
+            theta = self.theta.astype(np.float64)
+            parts = [self.model.forward(theta, self.features(part)) for part in slices]
+        else:
+            import torch
+
+            from tasks.model import calc_forward
+
+            theta = torch.from_numpy(self.theta.astype(np.float64))
+            parts = [calc_forward(self.model, theta, torch.from_numpy(self.features(part)), None, is_train=False)[0].numpy()
+                     for part in slices]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     @property

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tasks.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
 
 POLY_DEGREES = range(1, 6)
 MLP_WIDTHS = range(1, 257)
@@ -48,6 +52,13 @@ def parse_spec(spec: str) -> tuple[str, int]:
              "quintic": "poly:5", "mlp": "mlp:13", "network": "mlp:13", "nn": "mlp:13"}.get(str(spec).strip().lower())
     hint = f" (did you mean {alias}?)" if alias else ""
     raise ValueError(f"unknown model {spec!r}{hint}; valid forms: {VALID_FORMS}")
+
+
+def _xp(array):
+    """numpy for a numpy array, torch for a tensor. `features` and `forward` are written once for
+    both, so a command that only evaluates a calibration (`thermocal predict`) needs no torch;
+    training, validation and the infer stage pass tensors."""
+    return np if isinstance(array, np.ndarray) else sys.modules["torch"]
 
 
 def canonical_spec(spec: str) -> str:
@@ -117,12 +128,14 @@ class Linear(Model):
         pass  # the line has one size; the argument keeps every family's constructor alike
 
     def forward(self, theta, x):
-        if theta.dim() == 1:
+        if theta.ndim == 1:
             w, b = theta
             return w * x + b
         return theta[:, :1] * x + theta[:, 1:]
 
     def loss_and_gradient(self, theta, x, y):
+        import torch
+
         w, b = theta
         pred = w * x + b
         residual = pred - y
@@ -132,10 +145,13 @@ class Linear(Model):
         return (residual * residual).mean(), grad
 
     def initial(self, generator=None):
+        import torch
+
         return torch.tensor([1.0, 0.0])
 
     def design(self, x):
-        return torch.stack([x, torch.ones_like(x)], dim=1)
+        xp = _xp(x)
+        return xp.stack([x, xp.ones_like(x)], axis=1)
 
     def raw_coefficients(self, theta, normalizer):
         w, b = (float(v) for v in theta)
@@ -201,13 +217,14 @@ class Poly(Model):
 
     def features(self, x):
         """P_0(x) ... P_K(x) as columns, shape (n, K + 1), in x's dtype."""
-        return torch.stack(self._basis(x, torch.ones_like(x), torch.zeros_like(x)), dim=1)
+        xp = _xp(x)
+        return xp.stack(self._basis(x, xp.ones_like(x), xp.zeros_like(x)), axis=1)
 
     def design(self, f):
         return f
 
     def forward(self, theta, f):
-        return f @ theta if theta.dim() == 1 else theta @ f.T
+        return f @ theta if theta.ndim == 1 else theta @ f.T
 
     def loss_and_gradient(self, theta, f, y):
         # linear in its parameters: pred = F c, so dL/dc = 2/n F^T (F c - y)
@@ -215,6 +232,8 @@ class Poly(Model):
         return (residual * residual).mean(), (f.T @ residual) * (2.0 / len(y))
 
     def initial(self, generator=None):
+        import torch
+
         return torch.zeros(self.degree + 1)
 
     def raw_coefficients(self, theta, normalizer):
@@ -252,13 +271,16 @@ class MLP(Model):
 
     def forward(self, theta, x):
         w1, b1, w2, b2 = self._split(theta)
-        if theta.dim() == 1:
-            hidden = torch.tanh(torch.outer(x, w1) + b1)  # (n, H)
+        xp = _xp(theta)
+        if theta.ndim == 1:
+            hidden = xp.tanh(xp.outer(x, w1) + b1)  # (n, H)
             return hidden @ w2 + b2
-        hidden = torch.tanh(x[None, :, None] * w1[:, None, :] + b1[:, None, :])  # (B, n, H)
-        return torch.einsum("bnh,bh->bn", hidden, w2) + b2
+        hidden = xp.tanh(x[None, :, None] * w1[:, None, :] + b1[:, None, :])  # (B, n, H)
+        return xp.einsum("bnh,bh->bn", hidden, w2) + b2
 
     def loss_and_gradient(self, theta, x, y):
+        import torch
+
         w1, b1, w2, b2 = self._split(theta)
         z = torch.outer(x, w1) + b1  # (n, H)
         hidden = torch.tanh(z)
@@ -272,6 +294,8 @@ class MLP(Model):
     def initial(self, generator=None):
         """nn.Linear's default ranges: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in 1 then H; drawn
         from `generator` so the same seed gives the same start on any machine, in any process."""
+        import torch
+
         H = self.hidden
         bounds = torch.cat([torch.ones(2 * H), torch.full((H + 1,), 1.0 / math.sqrt(H))])
         return (torch.rand(3 * H + 1, generator=generator) * 2.0 - 1.0) * bounds

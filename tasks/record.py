@@ -11,11 +11,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from tasks.report import calibration_formula, calibration_markdown
-from tasks.stages import CODE_MODULES, code_version
+from tasks.stages import CODE_MODULES, code_version, threaded_task
 from tasks.store import Store, atomic_write
 
 LIBRARIES = ("torch", "prefect", "pandera", "pandas", "numpy", "joblib", "pydantic", "matplotlib")
@@ -56,21 +56,22 @@ def _metrics_table(summary: dict) -> list[dict]:
     return rows + [{"metric": f"°C at reading {p['reading']:g}", "value": p["celsius"]} for p in summary["predictions"]]
 
 
-def publish_run(summary: dict, settings: dict) -> None:
-    """The run's metrics table and report as Prefect artifacts. Called from the flow's body, so
+async def publish_run(summary: dict, settings: dict) -> None:
+    """The run's metrics table and report as Prefect artifacts. Awaited in the flow's body, so
     the UI lists them on the flow run (from inside a task they would belong to that task run)."""
-    create_table_artifact(key=METRICS_KEY, description="Final metrics, the calibration and the new readings' °C of this run",
-                          table=_metrics_table(summary))
+    await acreate_table_artifact(key=METRICS_KEY, description="Final metrics, the calibration and the new readings' °C of this run",
+                                 table=_metrics_table(summary))
     png = Path(summary["report"]).read_bytes()
     image = f"data:image/png;base64,{base64.b64encode(png).decode()}"
-    create_markdown_artifact(key=REPORT_KEY, description="thermocal calibration report", markdown=calibration_markdown(summary, settings, image, summary["stages"]))
+    await acreate_markdown_artifact(key=REPORT_KEY, description="thermocal calibration report",
+                                    markdown=calibration_markdown(summary, settings, image, summary["stages"]))
 
 
 RESULTS = ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "baselines",
            "warnings", "train_rows", "val_rows", "epochs_run", "stopped_by", "train_seconds", "predictions")
 
 
-@task(name="record-run", task_run_name="record-run")
+@threaded_task(name="record-run", task_run_name="record-run")
 def record_run(
     store: str, data: str, data_sha256: str, settings: dict, effective: dict, predict: list[float], stages: dict[str, dict]
 ) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 MIN_TRAIN_ROWS = 2  # a line through fewer points is not determined
 MIN_VAL_ROWS = 1
@@ -30,6 +29,8 @@ def split_indices(n_rows: int, val_fraction: float, seed: int) -> tuple[np.ndarr
     torch.randperm on the CPU with its own Generator is deterministic for a given seed,
     independent of the global RNG and of other threads.
     """
+    import torch  # here, not above: the flow imports this module for rows_needed, and a cached run needs no torch
+
     generator = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(n_rows, generator=generator).numpy()
     n_val = validation_size(n_rows, val_fraction)

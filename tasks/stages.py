@@ -8,6 +8,7 @@ Prefect caches that ref under the key, so a repeated stage is reported `Cached`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 import sys
@@ -16,22 +17,13 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-import pandas as pd
-import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.calibration import Calibration
-from tasks.evaluate import evaluate_model, predictions_table, warnings_for
-from tasks.ingest import CELSIUS, READING, load_readings
-from tasks.models import make_model
-from tasks.normalize import Normalizer, fit_normalizer
-from tasks.report import axis_label, calibration_markdown, plot_calibration
-from tasks.errors import TrainingDiverged
-from tasks.split import split_indices
-from tasks.stability import PLAIN_STEPS, advice, lr_warning, slow_advice
 from tasks.store import Store, sha256_json, write_json
-from tasks.train import Stopping, train_model
+
+# torch, pandas, pandera and matplotlib are imported inside the stages that use them: a run whose
+# every stage is cached never runs a stage body, so it never pays for them (tests/test_fast_commands.py)
 
 # the modules whose source decides each stage's output; editing one invalidates that stage's cache
 CODE_MODULES: dict[str, tuple[str, ...]] = {}
@@ -53,9 +45,30 @@ def _cache_key(context, parameters: dict) -> str:
     return parameters["key"]
 
 
+def threaded_task(**options):
+    """A Prefect task whose body, plain blocking code (torch, pandas, files), runs in a worker
+    thread with the task's context.
+
+    The task itself is async, so the async flows await it on their event loop: a cached stage then
+    costs one API round trip, and the flow does not wait a second at its end for a heartbeat thread
+    as a sync flow does (../shared/FACTS.md). The body runs where no event loop runs, but its run
+    context names an async task, so Prefect functions that pick sync or async by context (the
+    artifact functions) must be called with `_sync=True` there; the run logger needs nothing.
+    """
+
+    def decorate(body):
+        @functools.wraps(body)  # Prefect reads the parameters through __wrapped__
+        async def in_a_thread(*args, **kwargs):
+            return await asyncio.to_thread(body, *args, **kwargs)
+
+        return task(**options)(in_a_thread)
+
+    return decorate
+
+
 def _stage(name: str, modules: tuple[str, ...]):
     CODE_MODULES[name] = ("tasks.stages", "tasks.store", *modules)
-    return task(name=name, task_run_name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
+    return threaded_task(name=name, task_run_name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
 
 
 PROGRESS_KEY = "thermocal-training-progress"
@@ -86,9 +99,9 @@ class TrainingProgress:
 
     def _publish(self, percent: float) -> None:
         if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(percent, key=PROGRESS_KEY, description="training epochs done (%)")
+            self.artifact_id = create_progress_artifact(percent, key=PROGRESS_KEY, description="training epochs done (%)", _sync=True)
         else:
-            update_progress_artifact(self.artifact_id, percent)
+            update_progress_artifact(self.artifact_id, percent, _sync=True)
 
     def finish(self) -> None:
         if self.artifact_id is not None:
@@ -112,7 +125,7 @@ def _joblib(value):
     return lambda path: joblib.dump(_canonical(value), path)
 
 
-def _csv(frame: pd.DataFrame):
+def _csv(frame):
     return lambda path: frame.to_csv(path, index=False)
 
 
@@ -123,6 +136,8 @@ def _json(value):
 @_stage("ingest", ("tasks.ingest", "tasks.errors"))
 def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str) -> dict:
     """Read the CSV and validate it against the readings schema."""
+    from tasks.ingest import load_readings
+
     table = load_readings(Path(data), reading_column, celsius_column, min_rows)
     get_run_logger().info("ingested %d valid readings from %s", len(table), data)
     files = {"ingest.joblib": _joblib(table)}
@@ -134,6 +149,9 @@ def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str,
 @_stage("normalize", ("tasks.normalize", "tasks.errors"))
 def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: float | None) -> dict:
     """Fit the normalization on the readings and apply it."""
+    from tasks.ingest import READING
+    from tasks.normalize import fit_normalizer
+
     s = Store(store)
     readings = s.load(ingest)[READING].to_numpy()
     normalizer = fit_normalizer(readings, method, scale if scale is not None else 0.1)
@@ -145,6 +163,8 @@ def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: f
 @_stage("split", ("tasks.split",))
 def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed: int) -> dict:
     """Seeded train/validation indices."""
+    from tasks.split import split_indices
+
     rows = ingest["summary"]["rows"]
     train_idx, val_idx = split_indices(rows, val_fraction, seed)
     index = np.int32 if rows < 2**31 else np.int64  # half the size of torch's int64 indices
@@ -155,18 +175,22 @@ def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed
     return Store(store).write_stage("split", key, files, {"train_rows": len(train_idx), "val_rows": len(val_idx)})
 
 
-def _rows(store: Store, ingest: dict, split: dict, table: pd.DataFrame | None = None):
+def _rows(store: Store, ingest: dict, split: dict, table=None):
     """The ingested readings and °C (float64) and the split's indices, each verified against its
     hash (`table`: the ingested table, when the caller has loaded it already)."""
+    from tasks.ingest import CELSIUS, READING
+
     table, idx = store.load(ingest) if table is None else table, store.load(split)
     return table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
 
 
-def _calibration(store: Store, train: dict) -> Calibration:
+def _calibration(store: Store, train: dict):
+    from tasks.calibration import Calibration
+
     return Calibration.from_record(store.load(train)["model"])
 
 
-def model_summary(calibration: Calibration) -> dict:
+def model_summary(calibration) -> dict:
     """The trained model as JSON: its spec and named parameters (nested lists, on normalized
     readings); the line keeps the seed's w and b beside them."""
     parameters = {name: array.tolist() for name, array in calibration.model.unpack(calibration.theta).items()}
@@ -182,6 +206,17 @@ def train_calibration(
     tol: float, patience: int, val_patience: int, batch_size: int | None, seed: int, log_every: int,
 ) -> dict:
     """Gradient descent on the training rows, validation loss every epoch."""
+    import pandas as pd
+    import torch
+
+    from tasks.calibration import Calibration
+    from tasks.errors import TrainingDiverged
+    from tasks.ingest import READING
+    from tasks.models import make_model
+    from tasks.normalize import Normalizer
+    from tasks.stability import PLAIN_STEPS, advice, lr_warning
+    from tasks.train import Stopping, train_model
+
     s = Store(store)
     raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
     normalizer = Normalizer(**s.load(normalize)["normalizer"])
@@ -234,6 +269,10 @@ def train_calibration(
 def validate_calibration(store: str, key: str, ingest: dict, split: dict, train: dict) -> dict:
     """Final losses with gradients off, and the gap to the least-squares optimum (or, for the
     network, the best polynomials' losses)."""
+    from tasks.calibration import Calibration
+    from tasks.evaluate import evaluate_model, warnings_for
+    from tasks.stability import slow_advice
+
     s = Store(store)
     raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
     trained = s.load(train)
@@ -251,6 +290,10 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
 @_stage("infer", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize"))
 def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, readings: list[float]) -> dict:
     """°C for every reading of the dataset and for the new readings asked."""
+    import pandas as pd
+
+    from tasks.evaluate import predictions_table
+
     s = Store(store)
     table = s.load(ingest)
     raw, celsius, _, val_idx = _rows(s, ingest, split, table)
@@ -267,6 +310,11 @@ def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, 
 @_stage("report", ("tasks.report", "tasks.calibration", "tasks.models"))
 def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, infer: dict, settings: dict) -> dict:
     """The seed's plot and a markdown summary."""
+    import pandas as pd
+
+    from tasks.calibration import Calibration
+    from tasks.report import axis_label, calibration_markdown, plot_calibration
+
     s = Store(store)
     trained, metrics, predictions = s.load(train), s.load(validate), s.load(infer)
     calibration = Calibration.from_record(trained["model"])

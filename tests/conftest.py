@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -13,6 +14,11 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Commands in tests use Prefect's temporary server, as before the local server existed; the local
+# server's own tests (tests/test_local_server.py) ask for it and stop what they start. Should one be
+# left behind anyway, it stops itself after this long unused.
+os.environ["THERMOCAL_SERVER"] = "ephemeral"
+os.environ["THERMOCAL_SERVER_IDLE"] = "600"
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DATA = ROOT / "data" / "readings.csv"
@@ -26,6 +32,36 @@ def prefect_server():
     with prefect_test_harness(server_startup_timeout=180):
         yield
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
+
+
+def _local_servers_started_here() -> list[int]:
+    """Process ids of thermocal local-server supervisors whose PREFECT_HOME lies in this session's
+    temporary folders."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"flows.daemon" not in (proc / "cmdline").read_bytes():
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        home = next((e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PREFECT_HOME=")), "")
+        if home.startswith(tempfile.gettempdir()):
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_local_server_left_behind():
+    """Every test stops the servers it starts; a session that leaves one fails (and stops it)."""
+    before = set(_local_servers_started_here())
+    yield
+    left = [pid for pid in _local_servers_started_here() if pid not in before]
+    for pid in left:
+        os.killpg(pid, signal.SIGKILL)
+    assert not left, f"tests left thermocal local servers running: processes {left}"
 
 
 @pytest.fixture

@@ -65,13 +65,15 @@ def test_a_run_goes_to_the_server_named_by_prefect_api_url(tmp_path, readings_cs
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
-    env = _env(tmp_path / "prefect-home", PREFECT_API_URL=PREFECT_API_URL.value())
+    # THERMOCAL_SERVER=local (the default outside tests): PREFECT_API_URL still wins over the local server
+    env = _env(tmp_path / "prefect-home", PREFECT_API_URL=PREFECT_API_URL.value(), THERMOCAL_SERVER="local")
     out = subprocess.run(
         [str(BIN / "thermocal"), "run", "--json", "--store", str(tmp_path / "store"), "--data", str(readings_csv), "--epochs", "100"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert "Starting temporary server" not in out.stderr
+    assert "Starting temporary server" not in out.stderr and "local Prefect server" not in out.stderr
+    assert not list((tmp_path / "prefect-home").glob("thermocal-server-*"))
     manifest = json.loads((Path(json.loads(out.stdout)["run_dir"]) / "manifest.json").read_text())
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(uuid.UUID(manifest["flow_run_id"]))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.serving import server_env, server_healthy
+from flows.daemon import healthy as server_healthy
+from flows.daemon import server_env
 from tests.conftest import SHIPPED_DATA
 
 BIN = Path(sys.executable).parent

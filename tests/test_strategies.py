@@ -123,6 +123,12 @@ def test_calc_forward_builds_a_graph_only_when_training(spec, seed_data):
     assert not val_loss.requires_grad and val_loss.grad_fn is None
 
 
+def test_the_settings_offer_exactly_torch_optims_usable_optimizers():
+    from tasks.settings import OPTIMIZERS
+
+    assert list(OPTIMIZERS) == optimizer_names()
+
+
 def test_optimizer_names_cover_the_common_ones():
     assert {"sgd", "adam", "adamw", "rmsprop", "lbfgs"} <= set(optimizer_names())
     assert "sparseadam" not in optimizer_names()  # needs sparse gradients

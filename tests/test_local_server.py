@@ -1,0 +1,192 @@
+"""thermocal's local Prefect server (flows/daemon.py) through its whole life: started by the first
+`thermocal run` that needs it, shared by two first runs at once, reused, noticed when it died or
+when its port is taken, stopped by `thermocal server stop` and by itself when unused. Every test
+stops what it starts, by process id."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    """A port with the next one free too (a taken port makes the server move one up)."""
+    for _ in range(50):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with socket.socket() as other:
+            try:
+                other.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two free ports in a row")
+
+
+def _env(home: Path, port: int, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "THERMOCAL_"))}
+    return {**env, "PREFECT_HOME": str(home), "THERMOCAL_SERVER_PORT": str(port), **extra}
+
+
+def _run(env: dict, store: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([str(BIN / "thermocal"), "run", "--json", "--store", str(store), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _finish(process: subprocess.Popen) -> tuple[dict, str]:
+    out, err = process.communicate(timeout=400)
+    assert process.returncode == 0, err
+    return json.loads(out), err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.split(")", 1)[1].split()[0] != "Z"
+
+
+def _supervisors(home: Path) -> list[int]:
+    """Running supervisor processes whose PREFECT_HOME is `home`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"flows.daemon" in (proc / "cmdline").read_bytes() \
+                    and f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0") and _alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _group(pid: int) -> list[int]:
+    """The processes of the group `pid` leads (the supervisor and the server)."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().split(")", 1)[1].split()[2]) == pid and _alive(int(proc.name)):
+                members.append(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return members
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A fresh PREFECT_HOME; whatever server runs for it at the end is killed, and the test fails."""
+    path = tmp_path / "prefect-home"
+    yield path
+    left = _supervisors(path)
+    for pid in left:
+        os.killpg(pid, signal.SIGKILL)
+    assert not left, f"the test left local servers running: {left}"
+
+
+def _flow_runs(port: int) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/count", data=b"{}", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return int(response.read())
+
+
+def test_first_runs_start_one_server_later_runs_reuse_it_and_stop_ends_it(tmp_path, home, readings_csv):
+    port = _free_port()
+    env = _env(home, port)
+    store = tmp_path / "store"
+    # two first runs at once: one server between them
+    first, second = _run(env, store, "--data", str(readings_csv)), _run(env, store, "--data", str(readings_csv))
+    (a, err_a), (b, err_b) = _finish(first), _finish(second)
+    said = err_a + err_b
+    assert a["train_loss"] == b["train_loss"] and a["run_id"] != b["run_id"]
+    assert said.count("starting a local Prefect server") == 1, said
+    assert f"Prefect UI at http://127.0.0.1:{port}" in said and "`thermocal server stop` stops it now" in said
+    assert "THERMOCAL_SERVER=ephemeral runs without it" in said and "it stops by itself after 3 h unused" in said
+    assert "Starting temporary server" not in said
+    supervisors = _supervisors(home)
+    assert len(supervisors) == 1
+    pid = supervisors[0]
+    assert int((home / f"thermocal-server-{port}.pid").read_text()) == pid
+    assert len(_group(pid)) == 2  # the supervisor and Prefect's server, one process group
+    assert _flow_runs(port) == 2  # both runs are on it, so in its UI
+    assert not list((home / f"thermocal-server-{port}.leases").iterdir())  # the runs released it
+
+    # a later run reuses it, silently, and comes back cached
+    again, err = _finish(_run(env, store, "--data", str(readings_csv)))
+    assert "local Prefect server" not in err and _supervisors(home) == [pid]
+    assert all(stage["cached"] for stage in again["stages"].values())
+    assert _flow_runs(port) == 3
+
+    status = subprocess.run([str(BIN / "thermocal"), "server", "status"], capture_output=True, text=True, env=env, timeout=60)
+    assert status.returncode == 0 and f"up: http://127.0.0.1:{port}/api" in status.stdout and f"process {pid}" in status.stdout
+
+    members = _group(pid)
+    stopped = subprocess.run([str(BIN / "thermocal"), "server", "stop"], capture_output=True, text=True, env=env, timeout=120)
+    assert stopped.returncode == 0 and f"stopped the Prefect server on port {port} (process {pid})" in stopped.stdout
+    assert not any(_alive(member) for member in members)
+    assert not (home / f"thermocal-server-{port}.pid").exists()
+    down = subprocess.run([str(BIN / "thermocal"), "server", "status"], capture_output=True, text=True, env=env, timeout=60)
+    assert down.returncode == 1 and "down: no thermocal server runs" in down.stdout
+
+
+def test_a_dead_server_and_a_taken_port_are_noticed_and_an_unused_server_stops_itself(tmp_path, home, readings_csv):
+    port = _free_port()
+    home.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (home / f"thermocal-server-{port}.pid").write_text(str(gone.pid))  # a server that died without tidying up
+    env = _env(home, port, THERMOCAL_SERVER_IDLE="3")
+    with socket.socket() as squatter:  # another program holds the first port: it speaks no HTTP
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        result, err = _finish(_run(env, tmp_path / "store", "--data", str(readings_csv)))
+    assert result["train_loss"] > 0
+    assert f"(port {port} is in use by another program)" in err and f"Prefect UI at http://127.0.0.1:{port + 1}" in err
+    assert "it stops by itself after 3 s unused" in err
+    assert not (home / f"thermocal-server-{port}.pid").exists()  # the dead one's file is gone
+    [pid] = _supervisors(home)
+    members = _group(pid)
+    deadline = time.monotonic() + 120
+    while any(_alive(member) for member in members) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_alive(member) for member in members), "the unused server did not stop by itself"
+    assert "stopped (unused for 3 s)" in (home / f"thermocal-server-{port + 1}.log").read_text()
+    assert not (home / f"thermocal-server-{port + 1}.pid").exists()
+
+
+def test_a_server_killed_under_its_supervisor_is_replaced(tmp_path, home, readings_csv):
+    port = _free_port()
+    env = _env(home, port)
+    _finish(_run(env, tmp_path / "store", "--data", str(readings_csv), "--epochs", "50"))
+    [pid] = _supervisors(home)
+    [server] = [member for member in _group(pid) if member != pid]
+    os.kill(server, signal.SIGKILL)  # the supervisor sees its server exit, tidies up and exits
+    deadline = time.monotonic() + 120
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pid)
+    try:
+        result, err = _finish(_run(env, tmp_path / "store", "--data", str(readings_csv), "--epochs", "60"))
+        assert "starting a local Prefect server" in err and result["epochs_run"] == 60
+        assert len(_supervisors(home)) == 1 and _supervisors(home) != [pid]
+    finally:
+        subprocess.run([str(BIN / "thermocal"), "server", "stop"], capture_output=True, env=env, timeout=120)
+
+
+def test_prefect_api_url_and_thermocal_server_ephemeral_start_no_local_server(tmp_path, home, readings_csv):
+    env = _env(home, _free_port(), THERMOCAL_SERVER="ephemeral")
+    result, err = _finish(_run(env, tmp_path / "store", "--data", str(readings_csv), "--epochs", "20"))
+    assert result["epochs_run"] == 20
+    assert "local Prefect server" not in err and not _supervisors(home) and not list(home.glob("thermocal-server-*"))
+    bad = subprocess.run([str(BIN / "thermocal"), "run", "--data", str(readings_csv)], capture_output=True, text=True,
+                         env={**env, "THERMOCAL_SERVER": "remote"}, timeout=120)
+    assert bad.returncode == 2 and "THERMOCAL_SERVER must be local or ephemeral (got 'remote')" in bad.stderr
