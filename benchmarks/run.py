@@ -1,14 +1,22 @@
 """make bench: thermocal against its references, each pair measured side by side in this run.
 
-Prints one table. Times are the best of several repeats (this machine is shared and noisy);
-memory is the peak resident size a fresh process adds while doing the one thing measured.
+Every figure is what a person waits for: whole processes for commands (wall time of the process,
+as `time` shows it), and for stages the seconds a real run reports in its JSON. Pairs are measured
+alternately, several times, and the medians compared (this machine is shared and noisy). Prints
+one table: measure, thermocal, reference, ratio, and the goal the ratio is held to (issue 10).
+
+A local server of thermocal's own (flows/daemon.py) is started in a fresh PREFECT_HOME below
+benchmarks/.cache and stopped at the end; nothing else is left running.
 """
+
+from __future__ import annotations
 
 import json
 import os
 import platform
-import signal
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -17,174 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 PYTHON = sys.executable
+THERMOCAL = str(Path(PYTHON).parent / "thermocal")
 ROWS = int(os.environ.get("BENCH_ROWS", 10_000_000))
-rows_out: list[tuple[str, str, str, str]] = []
+REPEATS = int(os.environ.get("BENCH_REPEATS", 5))
+SHIPPED = ROOT / "data" / "readings.csv"
+rows_out: list[tuple[str, ...]] = []
 
-
-def report(measure: str, thermocal: str, reference: str, ratio: str) -> None:
-    rows_out.append((measure, thermocal, reference, ratio))
-    print(f"  {measure}: {thermocal} vs {reference} ({ratio})", file=sys.stderr, flush=True)
-
-
-def best(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return min(times)
-
-
-def seed_data():
-    import pandas as pd
-    import torch
-
-    table = pd.read_csv(ROOT / "data" / "readings.csv")
-    return (torch.tensor(table["reading"].to_numpy(), dtype=torch.float32),
-            torch.tensor(table["celsius"].to_numpy(), dtype=torch.float32))
-
-
-def bench_strategies() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from seed_loops import run_seed_loop
-
-    from tasks.train import train_model
-
-    t_u, t_c = seed_data()
-    t_un = 0.1 * t_u
-    for strategy in ("analytic", "finite-difference", "autograd", "optimizer"):
-        ours = lambda: train_model(t_un, t_c, None, None, strategy=strategy, lr=1e-2, epochs=5000, optimizer="sgd")
-        seed = lambda: run_seed_loop(strategy, t_un, t_c)
-        ours(), seed()  # warm-up: torch's first calls allocate and dispatch lazily
-        ours_s, seed_s = best(ours), best(seed)
-        report(f"train 5000 epochs, {strategy}", f"{ours_s * 1e6 / 5000:.0f} µs/epoch",
-               f"seed loop {seed_s * 1e6 / 5000:.0f} µs/epoch", f"{ours_s / seed_s:.2f}x")
-
-
-def bench_models() -> None:
-    """The other model families' loops, 5000 epochs on the seed's x0.1 readings, against a plain
-    autograd loop of the same model in the same run."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import io
-    from contextlib import redirect_stdout
-
-    from seed_loops import plain_autograd
-
-    from tasks.models import make_model
-    from tasks.train import train_model
-
-    t_u, t_c = seed_data()
-    x = 0.1 * t_u
-    for spec, lr in (("poly:3", 0.5), ("mlp:13", 1e-3)):
-        model = make_model(spec).fit(x.double().numpy())
-        f = model.features(x.double()).float()
-
-        def reference():
-            with redirect_stdout(io.StringIO()):  # its progress prints, as the seed's loops
-                plain_autograd(spec, f, t_c, lr)
-
-        reference()
-        ref_s = best(reference)
-        for strategy in ("analytic", "finite-difference", "autograd", "optimizer"):
-            ours = lambda: train_model(f, t_c, None, None, model=model, strategy=strategy, lr=lr, epochs=5000, delta=1e-2)
-            ours()
-            ours_s = best(ours)
-            report(f"train 5000 epochs, {spec}, {strategy}", f"{ours_s * 1e6 / 5000:.0f} µs/epoch",
-                   f"plain autograd loop of {spec} {ref_s * 1e6 / 5000:.0f} µs/epoch", f"{ours_s / ref_s:.2f}x")
-
-
-def bench_time_to_optimum() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import numpy as np
-    from seed_loops import run_seed_loop
-
-    from tasks.model import least_squares
-    from tasks.models import Linear
-    from tasks.normalize import fit_normalizer
-    from tasks.settings import CalibrationSettings
-    from tasks.train import Stopping, train_model
-
-    t_u, t_c = seed_data()
-    defaults = CalibrationSettings()
-    normalizer = fit_normalizer(t_u.numpy(), defaults.normalize)
-    x = __import__("torch").from_numpy(normalizer.apply(t_u.numpy()))
-    run = lambda: train_model(x, t_c, None, None, strategy=defaults.strategy, lr=defaults.learning_rate,
-                              epochs=defaults.max_epochs, stopping=Stopping(tol=defaults.stopping_tol, patience=defaults.patience))
-    result = run()
-    intercept, slope = Linear().raw_coefficients(result.params, normalizer)
-    raw = t_u.numpy().astype(np.float64)
-    _, _, optimum = least_squares(raw, t_c.numpy())
-    gap = (np.mean((slope * raw + intercept - t_c.numpy()) ** 2) - optimum) / optimum
-    seed = lambda: run_seed_loop("analytic", 0.1 * t_u, t_c)
-    seed()
-    ours_s, seed_s = best(run, 5), best(seed)
-    report("time to the optimum, default configuration", f"{ours_s * 1000:.2f} ms ({result.epochs_run} epochs, gap {gap:.1e})",
-           f"seed hand gradient {seed_s * 1000:.0f} ms (5000 epochs)", f"{ours_s / seed_s:.4f}x")
-
-
-MEASURE = r"""
-import sys, time, json
-from pathlib import Path
-
-def peak_mb():
-    # VmHWM: this process's peak resident size (getrusage's ru_maxrss survives exec from a big parent)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-
-what, path = sys.argv[1], Path(sys.argv[2])
-import pandas as pd
-if what == "thermocal":
-    from tasks.ingest import load_readings, readings_schema
-    readings_schema("reading", "celsius")
-base = peak_mb()
-started = time.perf_counter()
-table = pd.read_csv(path) if what == "pandas" else load_readings(path, "reading", "celsius", 5)
-seconds = time.perf_counter() - started
-peak = peak_mb() - base
-print(json.dumps({"seconds": seconds, "peak_mb": peak, "table_mb": table.memory_usage().sum() / 2**20, "rows": len(table)}))
-"""
-
-
-def _measure(what: str, path: Path) -> dict:
-    runs = [json.loads(subprocess.run([PYTHON, "-c", MEASURE, what, str(path)], capture_output=True, text=True,
-                                      check=True, cwd=ROOT).stdout) for _ in range(3)]
-    return {**min(runs, key=lambda r: r["seconds"]), "peak_mb": max(r["peak_mb"] for r in runs)}
-
-
-def bench_large_file() -> None:
-    from tasks.synth import write_synthetic
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / f"synthetic-{ROWS}.csv"
-    if not path.exists():
-        write_synthetic(path, ROWS, seed=0)
-    pandas, ours = _measure("pandas", path), _measure("thermocal", path)
-    report(f"ingest + validate {ROWS:,} rows, time", f"{ours['seconds']:.2f} s", f"pandas.read_csv alone {pandas['seconds']:.2f} s",
-           f"{ours['seconds'] / pandas['seconds']:.2f}x")
-    report(f"ingest + validate {ROWS:,} rows, peak memory", f"{ours['peak_mb']:.0f} MB",
-           f"the table in memory {ours['table_mb']:.0f} MB (pandas.read_csv peaks {pandas['peak_mb']:.0f} MB)",
-           f"{ours['peak_mb'] / ours['table_mb']:.2f}x")
-    env = {**os.environ, "PREFECT_HOME": str(CACHE / "prefect-home")}
-    store = CACHE / "store-large"
-    subprocess.run(["rm", "-rf", str(store)], check=True)
-    started = time.perf_counter()
-    out = subprocess.run([str(Path(PYTHON).parent / "thermocal"), "run", "--json", "--data", str(path), "--store", str(store)],
-                         capture_output=True, text=True, env=env, check=True)
-    whole = time.perf_counter() - started
-    result = json.loads(out.stdout)
-    stages = ", ".join(f"{n} {s['seconds']:.1f}" for n, s in result["stages"].items())
-    report(f"whole pipeline on {ROWS:,} rows (fresh store, ephemeral Prefect)", f"{whole:.1f} s wall; stages (s): {stages}",
-           f"{result['epochs_run']} full-batch epochs, gap {result['gap_to_optimum']:.1e}", "-")
-
-
-OVERHEAD = r"""
-import json, sys, time
-from pathlib import Path
-from flows.serving import start_ephemeral_server
-start_ephemeral_server()
+# Prefect's own one-task flow, the reference for a run's fixed cost
+MINIMAL = """
 from prefect import flow, task
-from flows.calibrate import calibrate
 
 @task
 def one():
@@ -194,85 +43,250 @@ def one():
 def minimal():
     return one()
 
-def best(fn, n=3):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
-    return min(times)
-
-store = sys.argv[1]
 minimal()
-floor = best(minimal)
-fresh = []
-for i in range(3):
-    t = time.perf_counter(); calibrate(data="data/readings.csv", store=f"{store}-{i}"); fresh.append(time.perf_counter() - t)
-cached = best(lambda: calibrate(data="data/readings.csv", store=f"{store}-0"))
-print(json.dumps({"minimal": floor, "fresh": min(fresh), "cached": cached}))
+"""
+
+# one of the seed's loops (benchmarks/seed_loops.py) in a fresh process, timed as the real run
+# times its training: the loop alone, first call, on the readings x0.1
+SEED_LOOP = """
+import sys, time
+import pandas as pd, torch
+sys.path.insert(0, "benchmarks")
+from seed_loops import run_seed_loop, plain_autograd
+table = pd.read_csv("data/readings.csv")
+t_u = torch.tensor(table["reading"].to_numpy(), dtype=torch.float32)
+t_c = torch.tensor(table["celsius"].to_numpy(), dtype=torch.float32)
+what = sys.argv[1]
+if what in ("analytic", "finite-difference", "autograd", "optimizer"):
+    started = time.perf_counter()
+    run_seed_loop(what, 0.1 * t_u, t_c)
+else:
+    import io, contextlib
+    from tasks.models import make_model
+    model = make_model(what).fit((0.1 * t_u).double().numpy())
+    f = model.features(0.1 * t_u.double()).float()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain_autograd(what, f, t_c, float(sys.argv[2]))
+print(time.perf_counter() - started)
+"""
+
+# a command as a child, its wall time and its peak resident memory (RUSAGE_CHILDREN: the child alone)
+PEAK = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "code": done.returncode, "stdout": done.stdout, "stderr": done.stderr[-2000:]}))
+"""
+
+READ_CSV = """
+import sys, time
+import pandas as pd
+started = time.perf_counter()
+pd.read_csv(sys.argv[1])
+print(time.perf_counter() - started)
 """
 
 
-def _free_port() -> int:
+def report(measure: str, thermocal: str, reference: str, ratio: float | None, goal: float | None = None, fmt: str = "{:.2f}x") -> None:
+    ratio_text = "-" if ratio is None else fmt.format(ratio)
+    goal_text = "-" if goal is None else f"≤ {fmt.format(goal)}: {'met' if ratio is not None and ratio <= goal else 'NOT met'}"
+    rows_out.append((measure, thermocal, reference, ratio_text, goal_text))
+    print(f"  {measure}: {thermocal} vs {reference} ({ratio_text}; goal {goal_text})", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def bench_overhead() -> None:
-    from flows.daemon import healthy as server_healthy
-    from flows.daemon import server_env
-
-    home = CACHE / "prefect-home"
-    base = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    base.pop("PREFECT_API_URL", None)
-    modes = {"ephemeral": base}
-    port = _free_port()
-    server = subprocess.Popen([str(Path(PYTHON).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env={**server_env(port), "PREFECT_HOME": str(home)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not server_healthy(port) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        modes["running server"] = {**base, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-        for mode, env in modes.items():
-            out = subprocess.run([PYTHON, "-c", OVERHEAD, str(CACHE / f"overhead-{mode.replace(' ', '-')}")],
-                                 capture_output=True, text=True, env=env, check=True, cwd=ROOT)
-            t = json.loads(out.stdout.strip().splitlines()[-1])
-            report(f"flow overhead ({mode}), thermocal run", f"{t['fresh']:.2f} s computed, {t['cached']:.2f} s fully cached",
-                   f"Prefect's minimal one-task flow {t['minimal']:.2f} s", f"{t['cached'] / t['minimal']:.2f}x cached")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+def base_env(home: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "THERMOCAL_"))}
+    return {**env, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **extra}
 
 
-def bench_sweep() -> None:
-    env = {**os.environ, "PREFECT_HOME": str(CACHE / "prefect-home")}
-    env.pop("PREFECT_API_URL", None)
-    # Long trainings on the 11 shipped readings are bound by Python, one core each, so worker
-    # processes can share them out; on large tables torch already spreads one training over both
-    # cores and a second process only competes for them.
-    grid = ["--strategies", "analytic,finite-difference,autograd,optimizer", "--lrs", "0.5,0.1",
-            "--normalizations", "standard", "--epochs", "60000"]
-    times = {}
-    for name, runner in {"sequential": ["--sequential"], "dask": ["--dask", "--workers", "2"]}.items():
-        store = CACHE / f"sweep-{name}"
-        subprocess.run(["rm", "-rf", str(store)], check=True)
-        started = time.perf_counter()
-        subprocess.run([str(Path(PYTHON).parent / "thermocal"), "sweep", "--json", "--store", str(store), *grid, *runner],
-                       capture_output=True, text=True, env=env, check=True, cwd=ROOT)
-        times[name] = time.perf_counter() - started
-    report("sweep of 8 trainings x 60000 epochs on the shipped readings, wall time (whole command)", f"Dask, 2 workers: {times['dask']:.1f} s",
-           f"sequential {times['sequential']:.1f} s", f"{times['dask'] / times['sequential']:.2f}x")
+def wall(command: list[str], env: dict, check: bool = True) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}: {done.stderr[-3000:]}")
+    return seconds, done
+
+
+def alternate(commands: dict[str, tuple[list[str], dict]], repeats: int = REPEATS) -> dict[str, float]:
+    """Median wall seconds of each command, run in turn `repeats` times."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, (command, env) in commands.items():
+            times[name].append(wall(command, env)[0])
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_json(env: dict, *args: str) -> dict:
+    _, done = wall([THERMOCAL, "run", "--json", *args], env)
+    return json.loads(done.stdout)
+
+
+def stop_servers(env: dict) -> None:
+    subprocess.run([THERMOCAL, "server", "stop"], capture_output=True, env=env, cwd=ROOT, timeout=120)
+
+
+# -- 2. local runs in seconds, 3. a cached run costs what Prefect costs -------------------------------
+
+
+def bench_local_server(work: Path) -> dict:
+    """First run on a fresh machine, then cached and --lr runs against the server it started.
+    Returns the environment of the server left running for the benches after it."""
+    firsts, prefect_firsts = [], []
+    for attempt in range(2):
+        ours_home, prefect_home = work / f"first-home-{attempt}", work / f"prefect-first-home-{attempt}"
+        env = base_env(ours_home, THERMOCAL_SERVER_PORT=str(free_port()))
+        prefect_firsts.append(wall([PYTHON, "-c", MINIMAL], base_env(prefect_home))[0])
+        seconds, _ = wall([THERMOCAL, "run", "--store", str(work / f"first-store-{attempt}")], env)
+        firsts.append(seconds)
+        if attempt == 0:
+            stop_servers(env)
+    ours, prefect = statistics.median(firsts), statistics.median(prefect_firsts)
+    report("first `thermocal run` on a fresh machine (no server, fresh PREFECT_HOME; starts the local server; computes every stage)",
+           f"{ours:.1f} s", f"Prefect's own first one-task flow, ephemeral, fresh PREFECT_HOME {prefect:.1f} s", ours / prefect, 1.0)
+
+    port = int(env["THERMOCAL_SERVER_PORT"])
+    store = str(work / "first-store-1")
+    reference = ([PYTHON, "-c", MINIMAL], {**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"})
+    cached = alternate({"ours": ([THERMOCAL, "run", "--store", store], env), "prefect": reference})
+    report("`thermocal run` again, every stage cached (whole process; the local server from the run before)",
+           f"{cached['ours']:.2f} s", f"Prefect's one-task flow against the same server {cached['prefect']:.2f} s",
+           cached["ours"] / cached["prefect"], 1.1)
+    ours, prefect = [], []
+    for i in range(REPEATS):  # a new rate each time, so the training is never cached
+        ours.append(wall([THERMOCAL, "run", "--store", store, "--lr", f"{0.30 + 0.01 * i:.2f}"], env)[0])
+        prefect.append(wall(*reference)[0])
+    changed = {"ours": statistics.median(ours), "prefect": statistics.median(prefect)}
+    report("`thermocal run --lr` with a new rate (train, validate, infer and report computed; whole process)",
+           f"{changed['ours']:.2f} s", f"Prefect's one-task flow against the same server {changed['prefect']:.2f} s",
+           changed["ours"] / changed["prefect"], 1.4)
+    return env
+
+
+# -- 1. instant commands ------------------------------------------------------------------------------
+
+
+def bench_commands(work: Path, env: dict) -> None:
+    store = work / "families"
+    run_ids = {spec: run_json(env, "--store", str(store), "--model", spec)["run_id"] for spec in ("linear", "poly:3", "mlp:13")}
+    commands = {
+        "thermocal --help": [THERMOCAL, "--help"],
+        "thermocal synth --help": [THERMOCAL, "synth", "--help"],
+        "thermocal runs": [THERMOCAL, "runs", "--store", str(store)],
+        **{f"thermocal predict 45 (a {spec} run)": [THERMOCAL, "predict", "45", "--run", run_id, "--store", str(store)]
+           for spec, run_id in run_ids.items()},
+    }
+    pandas = [PYTHON, "-c", "import pandas"]
+    for name, command in commands.items():
+        t = alternate({"ours": (command, env), "pandas": (pandas, env)})
+        report(f"`{name}` (whole process)", f"{t['ours']:.2f} s", f"`python -c \"import pandas\"` {t['pandas']:.2f} s",
+               t["ours"] / t["pandas"], 1.0)
+
+
+# -- 4. training loops at the hardware's pace ---------------------------------------------------------
+
+
+def _seed_seconds(what: str, lr: float = 0.0) -> float:
+    _, done = wall([PYTHON, "-c", SEED_LOOP, what, str(lr)], {**os.environ})
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def bench_loops(work: Path, env: dict, repeats: int = 3) -> None:
+    goals = {"analytic": 0.5, "finite-difference": 0.5, "autograd": 1.0, "optimizer": 1.0}
+    count = iter(range(10_000))
+    seed_analytic = []
+    for strategy, goal in goals.items():
+        ours, seed = [], []
+        for _ in range(repeats):
+            extra = ["--optimizer", "sgd"] if strategy == "optimizer" else []
+            result = run_json(env, "--store", str(work / f"loops-{next(count)}"), "--normalize", "scale", "--lr", "1e-2",
+                              "--epochs", "5000", "--strategy", strategy, *extra)
+            ours.append(result["train_seconds"])
+            seed.append(_seed_seconds(strategy))
+        if strategy == "analytic":
+            seed_analytic = seed
+        o, s = statistics.median(ours), statistics.median(seed)
+        report(f"5000 epochs in a real run (`train_seconds`), {strategy}{' sgd' if strategy == 'optimizer' else ''}, the seed's configuration",
+               f"{o * 1e6 / 5000:.0f} µs/epoch", f"the seed's own loop {s * 1e6 / 5000:.0f} µs/epoch", o / s, goal)
+    default = statistics.median(run_json(env, "--store", str(work / f"loops-{next(count)}"))["train_seconds"] for _ in range(repeats))
+    seed = statistics.median(seed_analytic)
+    report("default run's training on the shipped readings (`train_seconds`)", f"{default * 1000:.1f} ms",
+           f"the seed's 5000-epoch hand-gradient loop {seed * 1000:.0f} ms", default / seed, 0.01, fmt="{:.4f}x")
+    for spec, lr in (("poly:3", 0.5), ("mlp:13", 1e-3)):
+        reference = statistics.median(_seed_seconds(spec, lr) for _ in range(repeats))
+        for strategy in goals:
+            ours = statistics.median(
+                run_json(env, "--store", str(work / f"loops-{next(count)}"), "--model", spec, "--normalize", "scale", "--lr", str(lr),
+                         "--epochs", "5000", "--strategy", strategy, "--delta", "1e-2")["train_seconds"] for _ in range(repeats - 1))
+            report(f"5000 epochs in a real run (`train_seconds`), {spec}, {strategy}", f"{ours * 1e6 / 5000:.0f} µs/epoch",
+                   f"a plain autograd loop of {spec} {reference * 1e6 / 5000:.0f} µs/epoch", ours / reference)
+
+
+# -- 5. large files -----------------------------------------------------------------------------------
+
+
+def bench_large_file(work: Path, env: dict) -> None:
+    from tasks.synth import write_synthetic
+
+    path = CACHE / f"synthetic-{ROWS}.csv"
+    if not path.exists():
+        write_synthetic(path, ROWS, seed=0)
+    table_mb = ROWS * 2 * 8 / 2**20  # two float64 columns
+
+    def peak(data: Path, store: Path) -> dict:
+        _, done = wall([PYTHON, "-c", PEAK, THERMOCAL, "run", "--json", "--data", str(data), "--store", str(store)], env)
+        measured = json.loads(done.stdout)
+        if measured["code"] != 0:
+            raise RuntimeError(measured["stderr"])
+        return {**measured, "result": json.loads(measured["stdout"])}
+
+    small = [peak(SHIPPED, work / f"small-{i}") for i in range(2)]
+    runs, reads = [], []
+    for i in range(2):
+        runs.append(peak(path, work / f"large-{i}"))
+        reads.extend(float(wall([PYTHON, "-c", READ_CSV, str(path)], env)[1].stdout) for _ in range(2))
+    ingest = statistics.median(r["result"]["stages"]["ingest"]["seconds"] for r in runs)
+    read = statistics.median(reads)
+    report(f"ingest stage on {ROWS:,} rows (`seconds` in the run's JSON)", f"{ingest:.2f} s",
+           f"`pandas.read_csv` of the file in a fresh process {read:.2f} s", ingest / read, 2.0)
+    extra = max(r["peak_mb"] for r in runs) - max(r["peak_mb"] for r in small)
+    report(f"whole run on {ROWS:,} rows: peak resident memory above a run on the shipped readings", f"{extra:.0f} MB",
+           f"the table itself {table_mb:.0f} MB", extra / table_mb, 3.0)
+    stages = ", ".join(f"{name} {stage['seconds']:.1f}" for name, stage in runs[-1]["result"]["stages"].items())
+    report(f"whole run on {ROWS:,} rows, wall time (stage seconds: {stages})", f"{statistics.median(r['seconds'] for r in runs):.1f} s",
+           f"{runs[-1]['result']['epochs_run']} full-batch epochs, gap {runs[-1]['result']['gap_to_optimum']:.1e}", None)
 
 
 def main() -> int:
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
-          f"Python {platform.python_version()}, torch {__import__('torch').__version__}", file=sys.stderr)
-    for bench in (bench_strategies, bench_models, bench_time_to_optimum, bench_large_file, bench_overhead, bench_sweep):
-        bench()
-    print("\n| measure | thermocal | reference | ratio |\n|---|---|---|---|")
+    import torch
+
+    work = CACHE / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+               f"load average {os.getloadavg()[0]:.1f} at the start, Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"machine: {machine}", file=sys.stderr)
+    env = None
+    try:
+        env = bench_local_server(work)
+        bench_commands(work, env)
+        bench_loops(work, env)
+        bench_large_file(work, env)
+    finally:
+        for home in work.glob("*home*"):
+            stop_servers(base_env(home))
+    print(f"\nmachine: {machine}; medians of {REPEATS} alternating runs unless stated\n")
+    print("| measure | thermocal | reference | ratio | goal |\n|---|---|---|---|---|")
     for row in rows_out:
         print("| " + " | ".join(row) + " |")
     return 0

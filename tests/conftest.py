@@ -34,9 +34,9 @@ def prefect_server():
     shutil.rmtree(PREFECT_HOME, ignore_errors=True)
 
 
-def _local_servers_started_here() -> list[int]:
-    """Process ids of thermocal local-server supervisors whose PREFECT_HOME lies in this session's
-    temporary folders."""
+def _local_servers_started_here(folders: tuple[str, ...]) -> list[int]:
+    """Process ids of thermocal local-server supervisors whose PREFECT_HOME lies in one of this
+    session's temporary folders."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -48,17 +48,17 @@ def _local_servers_started_here() -> list[int]:
         except OSError:
             continue
         home = next((e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"PREFECT_HOME=")), "")
-        if home.startswith(tempfile.gettempdir()):
+        if home.startswith(folders):
             found.append(int(proc.name))
     return found
 
 
 @pytest.fixture(scope="session", autouse=True)
-def no_local_server_left_behind():
+def no_local_server_left_behind(tmp_path_factory):
     """Every test stops the servers it starts; a session that leaves one fails (and stops it)."""
-    before = set(_local_servers_started_here())
+    folders = (PREFECT_HOME, str(tmp_path_factory.getbasetemp()))
     yield
-    left = [pid for pid in _local_servers_started_here() if pid not in before]
+    left = _local_servers_started_here(folders)
     for pid in left:
         os.killpg(pid, signal.SIGKILL)
     assert not left, f"tests left thermocal local servers running: processes {left}"

@@ -5,6 +5,7 @@ stops what it starts, by process id."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -57,17 +58,22 @@ def _alive(pid: int) -> bool:
     return stat.split(")", 1)[1].split()[0] != "Z"
 
 
-def _supervisors(home: Path) -> list[int]:
-    """Running supervisor processes whose PREFECT_HOME is `home`."""
+def _servers(home: Path, what: bytes = b"flows.daemon") -> list[int]:
+    """Running processes whose PREFECT_HOME is `home` and whose command line holds `what`
+    (the supervisors; with b"uvicorn", Prefect's servers)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"flows.daemon" in (proc / "cmdline").read_bytes() \
+            if proc.name.isdigit() and what in (proc / "cmdline").read_bytes() \
                     and f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0") and _alive(int(proc.name)):
                 found.append(int(proc.name))
         except OSError:
             continue
     return found
+
+
+def _supervisors(home: Path) -> list[int]:
+    return _servers(home)
 
 
 def _group(pid: int) -> list[int]:
@@ -87,9 +93,9 @@ def home(tmp_path):
     """A fresh PREFECT_HOME; whatever server runs for it at the end is killed, and the test fails."""
     path = tmp_path / "prefect-home"
     yield path
-    left = _supervisors(path)
+    left = _supervisors(path) + _servers(path, b"uvicorn")
     for pid in left:
-        os.killpg(pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
     assert not left, f"the test left local servers running: {left}"
 
 
@@ -153,12 +159,11 @@ def test_a_dead_server_and_a_taken_port_are_noticed_and_an_unused_server_stops_i
     assert f"(port {port} is in use by another program)" in err and f"Prefect UI at http://127.0.0.1:{port + 1}" in err
     assert "it stops by itself after 3 s unused" in err
     assert not (home / f"thermocal-server-{port}.pid").exists()  # the dead one's file is gone
-    [pid] = _supervisors(home)
-    members = _group(pid)
+    pid = int(re.search(r"\(process (\d+),", err)[1])
     deadline = time.monotonic() + 120
-    while any(_alive(member) for member in members) and time.monotonic() < deadline:
+    while (_alive(pid) or _servers(home, b"uvicorn")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not any(_alive(member) for member in members), "the unused server did not stop by itself"
+    assert not _alive(pid) and not _servers(home, b"uvicorn"), "the unused server did not stop by itself"
     assert "stopped (unused for 3 s)" in (home / f"thermocal-server-{port + 1}.log").read_text()
     assert not (home / f"thermocal-server-{port + 1}.pid").exists()
 
