@@ -45,26 +45,37 @@ def evaluate_model(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, train_idx
     """Final train/validation MSE of the calibration and, for models linear in their parameters,
     its gap to the least-squares optimum of the training rows; for the network, the best
     polynomials' losses on the same rows. Losses and optimum come from one float64 evaluation."""
-    squared = (cal.predict(raw_x) - y) ** 2
-    train_loss = float(squared[train_idx].mean())
-    metrics = {
-        "train_loss": train_loss,
+    losses = prediction_losses(cal, raw_x, y, train_idx, val_idx)
+    return {**losses, **fit_quality(cal, raw_x[train_idx], y[train_idx], losses["train_loss"])}
+
+
+def prediction_losses(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray) -> dict:
+    """Train and validation MSE of the calibration's float64 predictions, and the rows of each."""
+    squared = cal.predict(raw_x)  # a fresh array: squared in place, no second n-row float64 array
+    np.square(np.subtract(squared, y, out=squared), out=squared)
+    return {
+        "train_loss": float(squared[train_idx].mean()),
         "val_loss": float(squared[val_idx].mean()) if len(val_idx) else None,
         "train_rows": int(len(train_idx)),
         "val_rows": int(len(val_idx)),
     }
+
+
+def fit_quality(cal: Calibration, x_train: np.ndarray, y_train: np.ndarray, train_loss: float) -> dict:
+    """How close `train_loss` is to the best its model family can do on the training rows (raw
+    readings `x_train`, °C `y_train`): the least-squares optimum and the gap to it, or, for the
+    network, the best polynomials' losses."""
     if not cal.model.linear_in_params:
-        x = cal.normalizer.apply64(raw_x[train_idx])
-        return {**metrics, "optimum": None, "gap_to_optimum": None, "converged": None,
-                "baselines": best_polynomials(x, y[train_idx])}
-    optimum = _optimum(cal, raw_x[train_idx], y[train_idx])
+        return {"optimum": None, "gap_to_optimum": None, "converged": None,
+                "baselines": best_polynomials(cal.normalizer.apply64(x_train), y_train)}
+    optimum = _optimum(cal, x_train, y_train)
     # relative excess of the training loss over the best any model of this family can do on these rows
     best = optimum["train_loss"]
     gap = (train_loss - best) / best if best > 0 else train_loss - best
     # readings that a model fits (almost) exactly leave an optimum near 0, where float32 parameters
     # cannot get within 0.1%: an excess below their resolution of the targets counts as converged
-    resolution = (RESOLUTION_ULPS * np.finfo(np.float32).eps) ** 2 * float(np.mean(y[train_idx] ** 2))
-    return {**metrics, "optimum": optimum, "gap_to_optimum": gap, "converged": bool(gap <= CONVERGED_GAP or train_loss - best <= resolution)}
+    resolution = (RESOLUTION_ULPS * np.finfo(np.float32).eps) ** 2 * float(np.mean(y_train ** 2))
+    return {"optimum": optimum, "gap_to_optimum": gap, "converged": bool(gap <= CONVERGED_GAP or train_loss - best <= resolution)}
 
 
 def warnings_for(metrics: dict, spec: str, advice: str = "") -> list[str]:
@@ -94,5 +105,8 @@ def predictions_table(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, val_id
     codes = np.zeros(len(raw_x), dtype=np.int8)
     codes[val_idx] = 1
     subset = pd.Categorical.from_codes(codes, categories=["train", "validation"])
-    # float32 columns: half the size on 10 million rows, and finer than any reference thermometer
-    return pd.DataFrame({"fitted": fitted.astype(np.float32), "residual": (fitted - y).astype(np.float32), "subset": subset})
+    # float32 columns: half the size on 10 million rows, and finer than any reference thermometer;
+    # the residual is computed in place of the fitted values once they are kept as float32
+    fitted32 = fitted.astype(np.float32)
+    residual = np.subtract(fitted, y, out=fitted).astype(np.float32)
+    return pd.DataFrame({"fitted": fitted32, "residual": residual, "subset": subset})

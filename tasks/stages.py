@@ -270,16 +270,19 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
     """Final losses with gradients off, and the gap to the least-squares optimum (or, for the
     network, the best polynomials' losses)."""
     from tasks.calibration import Calibration
-    from tasks.evaluate import evaluate_model, warnings_for
+    from tasks.evaluate import fit_quality, prediction_losses, warnings_for  # the two halves of evaluate_model
     from tasks.stability import slow_advice
 
     s = Store(store)
     raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
     trained = s.load(train)
     calibration = Calibration.from_record(trained["model"])
-    metrics = evaluate_model(calibration, raw, celsius, train_idx, val_idx)
+    losses = prediction_losses(calibration, raw, celsius, train_idx, val_idx)
+    x_train, y_train = raw[train_idx], celsius[train_idx]
+    del raw, celsius  # the whole table: least squares needs only the training rows
+    metrics = {**losses, **fit_quality(calibration, x_train, y_train, losses["train_loss"])}
     hint = "" if metrics["converged"] is not False else slow_advice(
-        calibration.model.spec, raw[train_idx], celsius[train_idx], calibration.normalizer, trained["settings"]["lr"])
+        calibration.model.spec, x_train, y_train, calibration.normalizer, trained["settings"]["lr"])
     metrics["warnings"] = warnings_for(metrics, calibration.model.spec, hint)
     for warning in metrics["warnings"]:
         get_run_logger().warning(warning)

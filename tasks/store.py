@@ -10,11 +10,15 @@ Layout under the store root (default data/runs):
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -48,6 +52,57 @@ def _fingerprint(path: Path) -> list[int]:
 
 def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _synced_sha256(path: Path) -> str:
+    """fsync the file and return its sha256, the two at once: fsync waits on the disk and hashing
+    reads the page cache, both without the GIL (on 160 MB: about 0.25 s each, 0.25 s together)."""
+    failed: list[BaseException] = []
+
+    def sync() -> None:
+        try:
+            _fsync_file(path)
+        except BaseException as error:  # re-raised in the caller
+            failed.append(error)
+
+    syncing = threading.Thread(target=sync, name="store-fsync")
+    syncing.start()
+    try:
+        digest = sha256_file(path)
+    finally:
+        syncing.join()
+    if failed:
+        raise failed[0]
+    return digest
+
+
+LARGE_LOAD = 32 << 20  # bytes; loading a file at least this large first hands freed heap back
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None on another C library."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc; elsewhere nothing).
+
+    numpy and torch allocate arrays under 32 MiB on the heap, and glibc keeps what they free
+    resident. One stage's freed temporaries (train's, about 400 MB on 10 million rows) then stay
+    in the process's resident size while the next stage allocates its own, and the peaks add up.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,9 +172,7 @@ class Store:
             hashes, stats = {}, {}
             for name, write in files.items():
                 write(tmp / name)
-                with open(tmp / name, "rb+") as handle:
-                    os.fsync(handle.fileno())
-                hashes[name] = sha256_file(tmp / name)
+                hashes[name] = _synced_sha256(tmp / name)
                 stats[name] = _fingerprint(tmp / name)  # rename keeps size and mtime
             main = next(iter(files))
             meta = {"stage": stage, "key": key, "main": main, "files": hashes, "stat": stats, "summary": summary or {}}
@@ -197,6 +250,8 @@ class Store:
                 "the file was modified or corrupted, so it was not loaded; `thermocal run` with the run's "
                 "options recomputes it"
             )
+        if path.stat().st_size >= LARGE_LOAD:
+            release_free_heap()  # what earlier stages freed, before this file adds its own
         return joblib.load(path)
 
     @contextlib.contextmanager
