@@ -7,7 +7,6 @@ Exit codes: 0 success; 2 a user's mistake (bad data file, bad option, unknown ru
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import types
@@ -197,6 +196,8 @@ def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _check_data_file(args.data, settings)
     with prefect_session():
+        import asyncio
+
         from flows.calibrate import calibrate
 
         summary = asyncio.run(calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict))
@@ -266,6 +267,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
     with prefect_session():
+        import asyncio
+
         from flows.sweep import sweep
 
         runner = _task_runner(args, len(grid))

@@ -18,52 +18,22 @@ and the tests work on any of them (the registry MODELS, like STEPPERS for strate
 from __future__ import annotations
 
 import math
-import re
 import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tasks.errors import InvalidInput
+from tasks.specs import AUTO_LR, parse_spec
 
 if TYPE_CHECKING:
     import torch
-
-POLY_DEGREES = range(1, 6)
-MLP_WIDTHS = range(1, 257)
-VALID_FORMS = "linear; poly:K with K = 1..5 (poly:2 is the book's quadratic); mlp:H with H = 1..256 (mlp:13 is the book's network)"
-# the JSON-schema pattern of a valid spec, so the Prefect server refuses a bad one as the CLI does
-SPEC_PATTERN = r"^(linear|poly:[1-5]|mlp:([1-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-6]))$"
-
-
-def parse_spec(spec: str) -> tuple[str, int]:
-    """'poly:3' -> ('poly', 3); 'linear' -> ('linear', 1); ValueError naming the valid forms otherwise."""
-    match = re.fullmatch(r"(linear)|(poly|mlp):(\d{1,3})", spec.strip().lower()) if isinstance(spec, str) else None
-    if match and match[1]:
-        return "linear", 1
-    if match:
-        kind, size = match[2], int(match[3])
-        sizes = POLY_DEGREES if kind == "poly" else MLP_WIDTHS
-        if size in sizes:
-            return kind, size
-        what = "the degree K of poly:K" if kind == "poly" else "the width H of mlp:H"
-        raise ValueError(f"{what} must be {sizes.start}..{sizes.stop - 1} (got {spec!r}); valid forms: {VALID_FORMS}")
-    alias = {"line": "linear", "straight": "linear", "quadratic": "poly:2", "cubic": "poly:3", "quartic": "poly:4",
-             "quintic": "poly:5", "mlp": "mlp:13", "network": "mlp:13", "nn": "mlp:13"}.get(str(spec).strip().lower())
-    hint = f" (did you mean {alias}?)" if alias else ""
-    raise ValueError(f"unknown model {spec!r}{hint}; valid forms: {VALID_FORMS}")
-
 
 def _xp(array):
     """numpy for a numpy array, torch for a tensor. `features` and `forward` are written once for
     both, so a command that only evaluates a calibration (`thermocal predict`) needs no torch;
     training, validation and the infer stage pass tensors."""
     return np if isinstance(array, np.ndarray) else sys.modules["torch"]
-
-
-def canonical_spec(spec: str) -> str:
-    kind, size = parse_spec(spec)
-    return kind if kind == "linear" else f"{kind}:{size}"
 
 
 class Model:
@@ -118,9 +88,7 @@ class Linear(Model):
 
     kind = spec = "linear"
     linear_in_params = True
-    # z-scored readings make the MSE's Hessian about 2 I, so 0.5 is nearly a Newton step; the
-    # seed's x0.1 readings need its 1e-2; raw readings diverge above about 2e-4
-    AUTO_LR = {"standard": 0.5, "scale": 1e-2, "none": 1e-4}
+    AUTO_LR = AUTO_LR["linear"]
     names = ("w", "b")
     shapes = {"w": (), "b": ()}
 
@@ -174,8 +142,7 @@ class Poly(Model):
     kind = "poly"
     linear_in_params = True
     names = ("c",)
-    # the basis is orthonormal on the training rows in every normalization: the Hessian is 2 I
-    AUTO_LR = {"standard": 0.5, "scale": 0.5, "none": 0.5}
+    AUTO_LR = AUTO_LR["poly"]
 
     def __init__(self, degree: int, alpha=None, beta=None):
         self.degree = degree
@@ -251,10 +218,7 @@ class MLP(Model):
 
     kind = "mlp"
     names = ("0.weight", "0.bias", "2.weight", "2.bias")
-    # measured on the shipped readings (mlp:13): with z-scored readings 0.2 diverges, 0.02 and
-    # above overfit nine points into a curve that is not monotonic, 0.01 stays smooth; x0.1
-    # readings take the book's 1e-3; raw readings are ten times larger again
-    AUTO_LR = {"standard": 0.01, "scale": 1e-3, "none": 1e-5}
+    AUTO_LR = AUTO_LR["mlp"]
 
     def __init__(self, hidden: int):
         self.hidden = hidden
@@ -299,10 +263,6 @@ class MLP(Model):
         H = self.hidden
         bounds = torch.cat([torch.ones(2 * H), torch.full((H + 1,), 1.0 / math.sqrt(H))])
         return (torch.rand(3 * H + 1, generator=generator) * 2.0 - 1.0) * bounds
-
-
-def default_lr(spec: str, normalization: str) -> float:
-    return MODELS[parse_spec(spec)[0]].AUTO_LR[normalization]
 
 
 def make_model(spec: str) -> Model:

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 
@@ -48,6 +47,7 @@ def plot_calibration(
     `table` has columns reading, celsius and subset; past PLOT_POINTS rows a seeded sample is drawn.
     """
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -150,6 +150,7 @@ def plot_comparison(path: Path, rows: list[dict]) -> None:
     """A sweep at a glance: each training's training and validation loss side by side (log scale),
     so a model that only fits its training rows stands out from one that generalizes."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-from tasks.models import SPEC_PATTERN, VALID_FORMS, canonical_spec, default_lr
+from tasks.specs import SPEC_PATTERN, VALID_FORMS, canonical_spec, default_lr
 
 Strategy = Literal["finite-difference", "analytic", "autograd", "optimizer"]
 Normalization = Literal["none", "scale", "standard"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 MIN_TRAIN_ROWS = 2  # a line through fewer points is not determined
 MIN_VAL_ROWS = 1

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.models import Model, default_lr, make_model
+from tasks.models import Model, make_model
 from tasks.normalize import Normalizer, fit_normalizer
+from tasks.specs import default_lr
 
 # the network's curvature grows as it fits: a quarter of the bound at its start stayed stable on
 # the shipped readings where half of it (0.17 with z-scored readings) diverged
@@ -79,6 +80,9 @@ def _round_down(value: float) -> float:
     return round(math.floor(value / digits * (1 + 1e-9)) * digits, 12)  # 0.4999999999 -> 0.5, not 0.49
 
 
+GRAM_ROWS = 1 << 20
+
+
 def _hessian(design: np.ndarray) -> np.ndarray:
     design = np.asarray(design, dtype=np.float64)
     return 2.0 * (design.T @ design) / len(design)
@@ -117,8 +121,9 @@ def lr_warning(model: Model, features: torch.Tensor, lr: float) -> str | None:
     in its parameters on these features (the training rows, as the model reads them); else None."""
     if not model.linear_in_params:
         return None
-    design = model.design(features.double()).numpy()
-    largest = float(np.linalg.eigvalsh(_hessian(design))[-1])
+    # the Hessian 2 X^T X / n summed over slices of rows: a float64 design of 10 million rows would add 160 MB
+    gram = sum(_hessian(model.design(part.double()).numpy()) * len(part) for part in features.split(GRAM_ROWS))
+    largest = float(np.linalg.eigvalsh(gram / len(features))[-1])
     if lr < 2.0 / largest:
         return None
     return (f"--lr {lr:g} exceeds {_lr(2.0 / largest)}, the largest stable learning rate of plain gradient descent for "

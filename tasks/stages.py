@@ -10,30 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import importlib.util
 import sys
 import time
 from pathlib import Path
 
-import joblib
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.store import Store, sha256_json, write_json
 
-# torch, pandas, pandera and matplotlib are imported inside the stages that use them: a run whose
-# every stage is cached never runs a stage body, so it never pays for them (tests/test_fast_commands.py)
+# numpy, joblib, torch, pandas, pandera and matplotlib are imported inside the stages that use
+# them: a run whose every stage is cached runs no stage body, so it never pays for them
+# (tests/test_fast_commands.py)
 
 # the modules whose source decides each stage's output; editing one invalidates that stage's cache
 CODE_MODULES: dict[str, tuple[str, ...]] = {}
 
 
 @functools.cache
+def _source_sha256(module: str) -> str:
+    """sha256 of a module's source file, read once per process (found without importing it)."""
+    return hashlib.sha256(Path(importlib.util.find_spec(module).origin).read_bytes()).hexdigest()
+
+
+@functools.cache
 def code_version(modules: tuple[str, ...]) -> str:
     """sha256 over the source files of `modules`."""
-    sources = [Path(importlib.util.find_spec(name).origin).read_bytes().hex() for name in modules]
-    return sha256_json(dict(zip(modules, sources)))
+    return sha256_json({name: _source_sha256(name) for name in modules})
 
 
 def stage_key(stage: str, inputs: dict) -> str:
@@ -122,6 +127,8 @@ def _canonical(value):
 
 
 def _joblib(value):
+    import joblib
+
     return lambda path: joblib.dump(_canonical(value), path)
 
 
@@ -163,6 +170,8 @@ def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: f
 @_stage("split", ("tasks.split",))
 def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed: int) -> dict:
     """Seeded train/validation indices."""
+    import numpy as np
+
     from tasks.split import split_indices
 
     rows = ingest["summary"]["rows"]
@@ -206,6 +215,7 @@ def train_calibration(
     tol: float, patience: int, val_patience: int, batch_size: int | None, seed: int, log_every: int,
 ) -> dict:
     """Gradient descent on the training rows, validation loss every epoch."""
+    import numpy as np
     import pandas as pd
     import torch
 
@@ -293,6 +303,7 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
 @_stage("infer", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize"))
 def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, readings: list[float]) -> dict:
     """°C for every reading of the dataset and for the new readings asked."""
+    import numpy as np
     import pandas as pd
 
     from tasks.evaluate import predictions_table

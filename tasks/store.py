@@ -23,7 +23,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-import joblib
 
 from tasks.errors import StoreError
 
@@ -252,6 +251,8 @@ class Store:
             )
         if path.stat().st_size >= LARGE_LOAD:
             release_free_heap()  # what earlier stages freed, before this file adds its own
+        import joblib  # here: `thermocal runs` and a cached run never load a stage, nor numpy with joblib
+
         return joblib.load(path)
 
     @contextlib.contextmanager

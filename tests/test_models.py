@@ -11,9 +11,10 @@ import torch
 from tasks.calibration import Calibration
 from tasks.errors import InvalidInput
 from tasks.evaluate import evaluate_model
-from tasks.models import EXAMPLE_SPECS, make_model, parse_spec
+from tasks.models import EXAMPLE_SPECS, make_model
 from tasks.normalize import fit_normalizer
 from tasks.settings import CalibrationSettings
+from tasks.specs import parse_spec
 from tasks.split import split_indices
 from tasks.train import Stopping, train_model
 from tests.conftest import ROOT
