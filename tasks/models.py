@@ -9,6 +9,8 @@ and the tests work on any of them (the registry MODELS, like STEPPERS for strate
   for one model or (B, P) for B models at once (finite differences, bootstraps, fleets), giving
   (n,) or (B, n);
 - `loss_and_gradient(theta, f, y)`: the MSE and its hand-derived gradient;
+- `objective(f, y)`: that loss on fixed data as training evaluates it every epoch (Objective), with
+  what depends only on the data computed once;
 - `initial(generator)`: starting parameters, drawn from the run's own generator where random;
 - `unpack(theta)` / `pack(arrays)`: named arrays as a state_dict holds them, and back;
 - `design(f)` (models linear in their parameters): the matrix X with forward = X @ theta, for least squares;
@@ -87,6 +89,13 @@ class Model:
     def design(self, f: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.spec} is not linear in its parameters")
 
+    def objective(self, f: torch.Tensor, y: torch.Tensor) -> Objective:
+        return LeastSquares(self, f, y) if self.linear_in_params else Objective(self, f, y)
+
+    def loss_and_gradient(self, theta: torch.Tensor, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # models linear in their parameters share one derivation (LeastSquares); others derive their own
+        return self.objective(f, y).loss_and_gradient(theta)
+
     def unpack(self, theta: np.ndarray) -> dict[str, np.ndarray]:
         arrays, start = {}, 0
         for name in self.names:
@@ -117,19 +126,13 @@ class Linear(Model):
         pass  # the line has one size; the argument keeps every family's constructor alike
 
     def forward(self, theta, x):
+        """x: the readings (n,), or their design matrix (n, 2) (rows [x_i, 1]), which training uses."""
+        if x.dim() == 2:
+            return x @ theta if theta.dim() == 1 else theta @ x.T
         if theta.dim() == 1:
             w, b = theta
             return w * x + b
         return theta[:, :1] * x + theta[:, 1:]
-
-    def loss_and_gradient(self, theta, x, y):
-        w, b = theta
-        pred = w * x + b
-        residual = pred - y
-        # dL/dpred = 2 (pred - y) / n; dpred/dw = x, dpred/db = 1, and the sums over rows undo the
-        # broadcast of w and b: dL/dw = 2/n sum(r x) (a dot product), dL/db = 2/n sum(r)
-        grad = torch.stack([torch.dot(residual, x), residual.sum()]) * (2.0 / pred.size(0))
-        return (residual * residual).mean(), grad
 
     def initial(self, generator=None):
         return torch.tensor([1.0, 0.0])
@@ -209,11 +212,6 @@ class Poly(Model):
     def forward(self, theta, f):
         return f @ theta if theta.dim() == 1 else theta @ f.T
 
-    def loss_and_gradient(self, theta, f, y):
-        # linear in its parameters: pred = F c, so dL/dc = 2/n F^T (F c - y)
-        residual = f @ theta - y
-        return (residual * residual).mean(), (f.T @ residual) * (2.0 / len(y))
-
     def initial(self, generator=None):
         return torch.zeros(self.degree + 1)
 
@@ -275,6 +273,74 @@ class MLP(Model):
         H = self.hidden
         bounds = torch.cat([torch.ones(2 * H), torch.full((H + 1,), 1.0 / math.sqrt(H))])
         return (torch.rand(3 * H + 1, generator=generator) * 2.0 - 1.0) * bounds
+
+
+class Objective:
+    """mean((forward(theta, f) - y)^2) on fixed data, in the forms the strategies use every epoch.
+
+    Built once per data set (the training rows, the validation rows, a mini-batch): on a few rows
+    each torch call costs microseconds whatever its size, so what depends only on the data is
+    computed here, not in the loop.
+    """
+
+    def __init__(self, model: Model, f: torch.Tensor, y: torch.Tensor):
+        self.model, self.f, self.y = model, f, y
+
+    def loss(self, theta: torch.Tensor) -> torch.Tensor:
+        """The loss at theta (P,), through the model's forward (differentiable: autograd, torch.optim)."""
+        residual = self.model.forward(theta, self.f) - self.y
+        return (residual * residual).mean()
+
+    def losses(self, thetas: torch.Tensor) -> torch.Tensor:
+        """The losses at B points at once, thetas (B, P) -> (B,), in one batched forward."""
+        residual = self.model.forward(thetas, self.f) - self.y
+        return (residual * residual).mean(dim=1)
+
+    def loss_and_gradient(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss and the model's hand-derived gradient at theta."""
+        return self.model.loss_and_gradient(theta, self.f, self.y)
+
+    def descend(self, theta: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss at theta and the next point theta - lr * gradient (a new tensor; theta is untouched)."""
+        loss, grad = self.loss_and_gradient(theta)
+        return loss, torch.sub(theta, grad, alpha=lr)
+
+
+class LeastSquares(Objective):
+    """The MSE of a model linear in its parameters: forward = X theta with X = model.design(f).
+
+    The residual r = X theta - y is one matrix-vector product (y negated once, which is exact), the
+    loss r.r / n one dot product, and the hand-derived gradient 2/n X^T r (for the line, X = [x, 1]:
+    dL/dw = 2/n sum(r x), dL/db = 2/n sum(r)) one more with 2/n X^T formed once; a step
+    theta - lr * 2/n X^T r is that product with the update fused in. (Scaling X and y by 1/sqrt(n)
+    instead would save the division but round y: a loss near a perfect fit then loses digits.)
+    """
+
+    def __init__(self, model: Model, f: torch.Tensor, y: torch.Tensor):
+        super().__init__(model, f, y)
+        self.design = model.design(f).contiguous()  # (n, P)
+        self.neg_y = -y
+        self.n = torch.tensor(float(len(y)), dtype=y.dtype)  # a tensor: dividing by a Python number costs more
+        self.gradient_map = (self.design.T * (2.0 / len(y))).contiguous()  # 2/n X^T, (P, n)
+
+    def _residual(self, theta):
+        return torch.addmv(self.neg_y, self.design, theta)  # X theta - y, shape (n,)
+
+    def loss(self, theta):
+        residual = self._residual(theta)
+        return torch.dot(residual, residual) / self.n
+
+    def losses(self, thetas):
+        residual = self.model.forward(thetas, self.design) + self.neg_y  # (B, n)
+        return torch.linalg.vecdot(residual, residual) / self.n
+
+    def loss_and_gradient(self, theta):
+        residual = self._residual(theta)
+        return torch.dot(residual, residual) / self.n, torch.mv(self.gradient_map, residual)
+
+    def descend(self, theta, lr):
+        residual = self._residual(theta)
+        return torch.dot(residual, residual) / self.n, torch.addmv(theta, self.gradient_map, residual, alpha=-lr)
 
 
 def default_lr(spec: str, normalization: str) -> float:
