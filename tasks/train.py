@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
+import queue
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +38,40 @@ class TrainResult:
     @property
     def b(self) -> float:
         return float(self.params[1])
+
+
+class Reporter:
+    """Calls made to report training (log lines, progress updates) run in order on a thread of
+    their own, in the context of the thread that made the Reporter (its contextvars: an
+    orchestrator's run context), so the loop hands them over and never waits on them. `close`
+    waits for every call handed over and re-raises the first error one raised."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                        name="training-reporter", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable, *args) -> None:
+        self._calls.put((fn, args))
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args = item
+            if self._error is None:  # after an error, the rest are dropped
+                try:
+                    fn(*args)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread by close()
+                    self._error = error
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _log_line(epoch: int, train: float, val: float | None) -> str:
