@@ -9,6 +9,8 @@ and the tests work on any of them (the registry MODELS, like STEPPERS for strate
   for one model or (B, P) for B models at once (finite differences, bootstraps, fleets), giving
   (n,) or (B, n);
 - `loss_and_gradient(theta, f, y)`: the MSE and its hand-derived gradient;
+- `objective(f, y)`: that loss on fixed data as training evaluates it every epoch
+  (tasks.objectives), with what depends only on the data computed once;
 - `initial(generator)`: starting parameters, drawn from the run's own generator where random;
 - `unpack(theta)` / `pack(arrays)`: named arrays as a state_dict holds them, and back;
 - `design(f)` (models linear in their parameters): the matrix X with forward = X @ theta, for least squares;
@@ -28,6 +30,8 @@ from tasks.specs import AUTO_LR, parse_spec
 
 if TYPE_CHECKING:
     import torch
+
+    from tasks.objectives import Objective
 
 def _xp(array):
     """numpy for a numpy array, torch for a tensor. `features` and `forward` are written once for
@@ -68,6 +72,15 @@ class Model:
     def design(self, f: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.spec} is not linear in its parameters")
 
+    def objective(self, f: torch.Tensor, y: torch.Tensor) -> Objective:
+        from tasks.objectives import LeastSquares, Objective  # training only: it needs torch
+
+        return LeastSquares(self, f, y) if self.linear_in_params else Objective(self, f, y)
+
+    def loss_and_gradient(self, theta: torch.Tensor, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # models linear in their parameters share one derivation (LeastSquares); others derive their own
+        return self.objective(f, y).loss_and_gradient(theta)
+
     def unpack(self, theta: np.ndarray) -> dict[str, np.ndarray]:
         arrays, start = {}, 0
         for name in self.names:
@@ -96,21 +109,13 @@ class Linear(Model):
         pass  # the line has one size; the argument keeps every family's constructor alike
 
     def forward(self, theta, x):
+        """x: the readings (n,), or their design matrix (n, 2) (rows [x_i, 1]), which training uses."""
+        if x.ndim == 2:
+            return x @ theta if theta.ndim == 1 else theta @ x.T
         if theta.ndim == 1:
             w, b = theta
             return w * x + b
         return theta[:, :1] * x + theta[:, 1:]
-
-    def loss_and_gradient(self, theta, x, y):
-        import torch
-
-        w, b = theta
-        pred = w * x + b
-        residual = pred - y
-        # dL/dpred = 2 (pred - y) / n; dpred/dw = x, dpred/db = 1, and the sums over rows undo the
-        # broadcast of w and b: dL/dw = 2/n sum(r x) (a dot product), dL/db = 2/n sum(r)
-        grad = torch.stack([torch.dot(residual, x), residual.sum()]) * (2.0 / pred.size(0))
-        return (residual * residual).mean(), grad
 
     def initial(self, generator=None):
         import torch
@@ -192,11 +197,6 @@ class Poly(Model):
 
     def forward(self, theta, f):
         return f @ theta if theta.ndim == 1 else theta @ f.T
-
-    def loss_and_gradient(self, theta, f, y):
-        # linear in its parameters: pred = F c, so dL/dc = 2/n F^T (F c - y)
-        residual = f @ theta - y
-        return (residual * residual).mean(), (f.T @ residual) * (2.0 / len(y))
 
     def initial(self, generator=None):
         import torch

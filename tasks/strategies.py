@@ -2,9 +2,11 @@
 
 A stepper holds the packed parameters theta of a model (tasks.models) and offers
 `loss_and_gradient(f, y)` (at the current parameters, nothing updated) and `step(f, y)` (one
-update, returning the loss before it); `f` is what the model's forward reads. `make_stepper` picks
-one from STEPPERS by the strategy's name; a new strategy registers there and joins the
-gradient-agreement tests, which run over every strategy and every model family.
+update, returning the loss before it); `f` is what the model's forward reads. Both evaluate the
+model's Objective on (f, y) (tasks.objectives), built once and kept while the same tensors come back
+every epoch. `make_stepper` picks one from STEPPERS by the strategy's name; a new strategy
+registers there and joins the gradient-agreement tests, which run over every strategy and every
+model family.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import functools
 import inspect
 
 import torch
-
-from tasks.model import loss_fn
 
 # torch.optim classes that cannot train a 1-D parameter vector with dense gradients.
 _UNUSABLE_OPTIMIZERS = {"optimizer", "sparseadam", "muon"}
@@ -44,21 +44,38 @@ class Stepper:
         self.model = model
         self.params = params.detach().clone()
         self.lr = lr
+        self._data = self._objective = None
+
+    def objective(self, f: torch.Tensor, y: torch.Tensor):
+        """The model's Objective on (f, y): the same one while the same tensors come back (every epoch)."""
+        if self._data is None or self._data[0] is not f or self._data[1] is not y:
+            self._data, self._objective = (f, y), self.model.objective(f, y)
+        return self._objective
 
     def loss_and_gradient(self, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def step(self, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss, grad = self.loss_and_gradient(f, y)
-        self.params.sub_(grad, alpha=self.lr)  # no graph here: these parameters do not require grad
+        # a new tensor each step, never written in place: `snapshot` can hand it out without a copy
+        self.params = torch.sub(self.params, grad, alpha=self.lr)
         return loss
+
+    def snapshot(self) -> torch.Tensor:
+        """The current parameters, as a tensor later steps do not change (for validation in bulk)."""
+        return self.params
 
 
 class AnalyticStepper(Stepper):
-    """The model's hand-derived gradient (tasks.models: each family derives its own)."""
+    """The model's hand-derived gradient (tasks.models: the network derives its own, the models
+    linear in their parameters share LeastSquares')."""
 
     def loss_and_gradient(self, f, y):
-        return self.model.loss_and_gradient(self.params, f, y)
+        return self.objective(f, y).loss_and_gradient(self.params)
+
+    def step(self, f, y):
+        loss, self.params = self.objective(f, y).descend(self.params, self.lr)  # the update fused where the model can
+        return loss
 
 
 class FiniteDifferenceStepper(Stepper):
@@ -79,17 +96,31 @@ class FiniteDifferenceStepper(Stepper):
                                   torch.stack([shifts, -shifts], dim=1).reshape(-1, count)])
         # up to this many rows, every point is evaluated at once (decided here, not every epoch)
         self.whole_rows = FD_BUDGET // (len(self.offsets) * model.width)
+        # grad = (losses[1::2] - losses[2::2]) / 2d as one product: rows of +1/-1 pick each pair, and
+        # multiplying by 1 and adding 0 are exact, so the difference is rounded once, as written out
+        pairs = torch.zeros(count, len(self.offsets), dtype=params.dtype)
+        pairs[torch.arange(count), 1 + 2 * torch.arange(count)] = 1.0
+        pairs[torch.arange(count), 2 + 2 * torch.arange(count)] = -1.0
+        self.pairs = pairs
+        self.two_delta = torch.tensor(2.0 * delta, dtype=params.dtype)
 
     def _losses(self, points, f, y):
-        if len(y) <= self.whole_rows:
-            return ((self.model.forward(points, f) - y) ** 2).mean(dim=1)
-        chunk = max(1, FD_BUDGET // (len(y) * self.model.width))
-        return torch.cat([((self.model.forward(part, f) - y) ** 2).mean(dim=1) for part in points.split(chunk)])
+        objective = self.objective(f, y)
+        if y.shape[0] <= self.whole_rows:
+            return objective.losses(points)
+        chunk = max(1, FD_BUDGET // (y.shape[0] * self.model.width))
+        return torch.cat([objective.losses(part) for part in points.split(chunk)])
 
     def loss_and_gradient(self, f, y):
         losses = self._losses(self.params + self.offsets, f, y)  # (2P + 1,)
-        grad = (losses[1::2] - losses[2::2]) / (2.0 * self.delta)
-        return losses[0], grad
+        return losses[0], torch.mv(self.pairs, losses) / self.two_delta
+
+    def step(self, f, y):
+        losses = self._losses(self.params + self.offsets, f, y)
+        # theta - lr * (L(p + d e_i) - L(p - d e_i)) / 2d: the update fused into the product that
+        # takes the differences (one call instead of three)
+        self.params = torch.addmv(self.params, self.pairs, losses, alpha=-self.lr / (2.0 * self.delta))
+        return losses[0]
 
 
 class AutogradStepper(Stepper):
@@ -102,19 +133,22 @@ class AutogradStepper(Stepper):
 
     def loss_and_gradient(self, f, y):
         self.params.grad = None  # zeroed as torch.optim's zero_grad does: dropped, refilled by backward
-        loss = loss_fn(self.model.forward(self.params, f), y)
+        loss = self.objective(f, y).loss(self.params)
         loss.backward()
         return loss.detach(), self.params.grad
 
     def step(self, f, y):
         loss, grad = self.loss_and_gradient(f, y)
         with self.no_grad:  # the update is not part of the graph
-            self.params -= self.lr * grad
+            self.params.sub_(grad, alpha=self.lr)
         return loss
+
+    def snapshot(self):
+        return self.params.detach().clone()  # updated in place: a copy
 
 
 class OptimizerStepper(AutogradStepper):
-    """A torch.optim optimizer owns the update (zero_grad, backward, step)."""
+    """A torch.optim optimizer owns the update (gradients dropped, backward, its step)."""
 
     def __init__(self, model, params, lr, optimizer: str):
         super().__init__(model, params, lr)
@@ -122,8 +156,10 @@ class OptimizerStepper(AutogradStepper):
         self.needs_closure = isinstance(self.optimizer, torch.optim.LBFGS)  # it evaluates the loss several times
 
     def _closure(self, f, y):
-        self.optimizer.zero_grad()
-        loss = loss_fn(self.model.forward(self.params, f), y)
+        # what optimizer.zero_grad() does for its one parameter (set_to_none), without its profiler
+        # bookkeeping, which costs about as much as the whole forward here
+        self.params.grad = None
+        loss = self.objective(f, y).loss(self.params)
         loss.backward()
         return loss
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
+import queue
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -10,9 +14,8 @@ import numpy as np
 import torch
 
 from tasks.errors import TrainingDiverged
-from tasks.model import loss_fn
 from tasks.models import Linear, Model
-from tasks.strategies import make_stepper
+from tasks.strategies import FD_BUDGET, make_stepper
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,40 @@ class TrainResult:
     @property
     def b(self) -> float:
         return float(self.params[1])
+
+
+class Reporter:
+    """Calls made to report training (log lines, progress updates) run in order on a thread of
+    their own, in the context of the thread that made the Reporter (its contextvars: an
+    orchestrator's run context), so the loop hands them over and never waits on them. `close`
+    waits for every call handed over and re-raises the first error one raised."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
+                                        name="training-reporter", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable, *args) -> None:
+        self._calls.put((fn, args))
+
+    def _work(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, args = item
+            if self._error is None:  # after an error, the rest are dropped
+                try:
+                    fn(*args)
+                except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread by close()
+                    self._error = error
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def _log_line(epoch: int, train: float, val: float | None) -> str:
@@ -70,6 +107,13 @@ class Stopping:
     # stop once the validation loss has not reached a new minimum for this many epochs, and keep
     # the parameters of that minimum
     val_patience: int = 0  # 0: never
+
+
+def _validation_losses(objective, thetas: list[torch.Tensor], width: int) -> torch.Tensor:
+    """The validation losses at many parameter points, (B,), in batched forwards of at most FD_BUDGET numbers."""
+    chunk = max(1, FD_BUDGET // (max(1, len(objective.y)) * width))
+    with torch.no_grad():
+        return torch.cat([objective.losses(torch.stack(thetas[start : start + chunk])) for start in range(0, len(thetas), chunk)])
 
 
 def _epoch(stepper, f: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -113,46 +157,59 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
     eps, mean_y2 = torch.finfo(y_train.dtype).eps, float((y_train * y_train).mean()) if stopping.tol else 0.0
     has_val = x_val is not None and x_val.numel() > 0
+    val_objective = model.objective(x_val, y_val) if has_val else None
+    # the validation loss of each epoch is that of the parameters before its step: they are kept
+    # (`snapshot`, no copy where the stepper replaces them) and evaluated in one batched forward at
+    # the log cadence, unless early stopping on validation needs each one as it comes
+    val_each_epoch = has_val and stopping.val_patience > 0
+    snapshots: list[torch.Tensor] = []
     # losses stay 0-dim tensors in lists (appending costs less than writing into a tensor, and
-    # reading one back is a host sync); stacked only at the log cadence and at the end
+    # reading one back costs a call); stacked only at the log cadence and at the end
     train_hist: list[torch.Tensor] = []
-    val_hist: list[torch.Tensor] = []
+    val_hist: list[torch.Tensor] = []  # 0-dim tensors (per epoch) or 1-D ones (in bulk)
+    recent: deque[float] = deque(maxlen=stopping.patience + 1)  # the last training losses, for tol
     best_val, best_epoch, best_params = float("inf"), 0, None
-    checked = 0  # losses before this index have been checked for inf/NaN
+    checked = 0  # losses before this index have been checked for inf/NaN (and validated in bulk)
     log_lines: list[str] = []
     stopped_by = "epochs"
     full_batch = batch_size is None or batch_size >= len(x_train)
     next_look = 1  # the next epoch at which losses are read back (the seed's cadence, and the end)
     for epoch in range(1, epochs + 1):
-        if has_val:
-            with torch.no_grad():  # validation never builds a graph
-                val_hist.append(loss_fn(model.forward(stepper.params, x_val), y_val))
-            if stopping.val_patience:
-                if float(val_hist[-1]) < best_val:
-                    best_val, best_epoch, best_params = float(val_hist[-1]), epoch, stepper.params.detach().clone()
-                elif epoch - best_epoch >= stopping.val_patience:
-                    stopped_by = "validation"
-        train_hist.append(stepper.step(x_train, y_train) if full_batch else _epoch(stepper, x_train, y_train, batch_size, generator))
+        if val_each_epoch:
+            val = val_objective.losses(stepper.snapshot()[None])[0]
+            val_hist.append(val)
+            if float(val) < best_val:
+                best_val, best_epoch, best_params = float(val), epoch, stepper.snapshot().detach().clone()
+            elif epoch - best_epoch >= stopping.val_patience:
+                stopped_by = "validation"
+        elif has_val:
+            snapshots.append(stepper.snapshot())
+        loss = stepper.step(x_train, y_train) if full_batch else _epoch(stepper, x_train, y_train, batch_size, generator)
+        train_hist.append(loss)
         if progress is not None:
             progress(epoch)
-        if stopping.tol and epoch > stopping.patience:
-            low, high = torch.aminmax(torch.stack(train_hist[-1 - stopping.patience :]))
-            low = float(low)
-            # settled: within the relative band, or within the loss's own rounding (a float32 loss
-            # near a tiny optimum jitters by about eps * sqrt(loss * mean(y^2)), far above tol * loss)
-            if float(high) - low <= max(stopping.tol * abs(low), eps * math.sqrt(max(low, 0.0) * mean_y2)):
-                stopped_by = "tol"
+        if stopping.tol:
+            recent.append(float(loss))
+            if epoch > stopping.patience:
+                low, high = min(recent), max(recent)
+                # settled: within the relative band, or within the loss's own rounding (a float32 loss
+                # near a tiny optimum jitters by about eps * sqrt(loss * mean(y^2)), far above tol * loss)
+                if high - low <= max(stopping.tol * abs(low), eps * math.sqrt(max(low, 0.0) * mean_y2)):
+                    stopped_by = "tol"
         last = epoch == epochs or stopped_by != "epochs"
         # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
         if epoch == next_look or last:
             next_look = epoch + 1 if epoch < 3 else (epoch // log_every + 1) * log_every
+            if snapshots:
+                val_hist.append(_validation_losses(val_objective, snapshots, model.width))
+                snapshots.clear()
             first = float(train_hist[0])
             bad = _first_bad_epoch(torch.stack(train_hist[checked:epoch]), checked, BLOW_UP * max(first, 1e-12))
             if bad is not None or not torch.isfinite(stepper.params).all():
                 bad = bad or epoch
                 raise _diverged(bad, float(train_hist[bad - 1]), first, strategy, lr)
             checked = epoch
-            line = _log_line(epoch, float(train_hist[epoch - 1]), float(val_hist[epoch - 1]) if has_val else None)
+            line = _log_line(epoch, float(loss), float(val_hist[-1].reshape(-1)[-1]) if has_val else None)
             log_lines.append(line)
             if log is not None:
                 log(line)
@@ -162,7 +219,7 @@ def train_model(
     return TrainResult(
         params=params.numpy().copy(),
         train_loss=torch.stack(train_hist).numpy(),
-        val_loss=torch.stack(val_hist).numpy() if has_val else None,
+        val_loss=torch.cat([v.reshape(-1) for v in val_hist]).numpy() if has_val else None,
         epochs_run=epoch,
         stopped_by=stopped_by,
         best_epoch=best_epoch if stopped_by == "validation" else epoch,
