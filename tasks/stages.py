@@ -219,8 +219,8 @@ def model_summary(calibration) -> dict:
     return {**parameters, **out} if calibration.model.kind == "linear" else out
 
 
-@_stage("train", ("tasks.train", "tasks.strategies", "tasks.model", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.errors", "tasks.objectives",
-                  "tasks.stability"))
+@_stage("train", ("tasks.train", "tasks.strategies", "tasks.objectives", "tasks.model", "tasks.models", "tasks.calibration",
+                  "tasks.normalize", "tasks.errors", "tasks.stability"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict, model: str,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
