@@ -23,7 +23,9 @@ class Normalizer:
 
     def apply64(self, x: np.ndarray) -> np.ndarray:
         """The same in float64, for least squares and inference."""
-        return (np.asarray(x, dtype=np.float64) - self.shift) * self.factor
+        out = np.asarray(x, dtype=np.float64) - self.shift  # a new array, scaled in place: one n-row temporary, not two
+        out *= self.factor
+        return out
 
     def invert(self, x_n: np.ndarray) -> np.ndarray:
         """What the model sees -> raw readings."""

@@ -109,9 +109,14 @@ class Stopping:
     val_patience: int = 0  # 0: never
 
 
+# the validation losses of many epochs' parameters are evaluated together, in forwards of at most
+# this many numbers (16 MB of float32; on a few rows that is every epoch since the last look at once)
+VALIDATION_BUDGET = 1 << 22
+
+
 def _validation_losses(objective, thetas: list[torch.Tensor], width: int) -> torch.Tensor:
-    """The validation losses at many parameter points, (B,), in batched forwards of at most FD_BUDGET numbers."""
-    chunk = max(1, FD_BUDGET // (max(1, len(objective.y)) * width))
+    """The validation losses at many parameter points, (B,), in batched forwards of at most VALIDATION_BUDGET numbers."""
+    chunk = max(1, VALIDATION_BUDGET // (max(1, len(objective.y)) * width))
     with torch.no_grad():
         return torch.cat([objective.losses(torch.stack(thetas[start : start + chunk])) for start in range(0, len(thetas), chunk)])
 
