@@ -144,7 +144,8 @@ def bench_local_server(work: Path) -> dict:
     for attempt in range(2):
         ours_home, prefect_home = work / f"first-home-{attempt}", work / f"prefect-first-home-{attempt}"
         env = base_env(ours_home, THERMOCAL_SERVER_PORT=str(free_port()))
-        prefect_firsts.append(wall([PYTHON, "-c", MINIMAL], base_env(prefect_home))[0])
+        # Prefect's default 20 s start-up timeout is too short for a first start here (../shared/FACTS.md)
+        prefect_firsts.append(wall([PYTHON, "-c", MINIMAL], base_env(prefect_home, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120"))[0])
         seconds, _ = wall([THERMOCAL, "run", "--store", str(work / f"first-store-{attempt}")], env)
         firsts.append(seconds)
         if attempt == 0:
