@@ -163,6 +163,17 @@ def tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def _first_port() -> int:
+    value = os.environ.get("THERMOCAL_SERVER_PORT", "").strip()
+    if not value:
+        return PORT_DEFAULT
+    if not value.isdigit() or not 1024 <= int(value) <= 65535 - PORTS_TRIED:
+        from tasks.errors import InvalidInput
+
+        raise InvalidInput(f"THERMOCAL_SERVER_PORT must be a port number from 1024 to {65535 - PORTS_TRIED} (got {value!r})")
+    return int(value)
+
+
 def idle_seconds() -> float:
     value = os.environ.get("THERMOCAL_SERVER_IDLE", "")
     try:
@@ -336,7 +347,7 @@ def ensure(say=lambda line: print(line, file=sys.stderr, flush=True), warm=None)
             stop_group(pid)
             ServerFiles(port).pid.unlink(missing_ok=True)
             say(f"thermocal: the local Prefect server on port {port} (process {pid}) did not answer; stopped it, starting another")
-        first = int(os.environ.get("THERMOCAL_SERVER_PORT", PORT_DEFAULT))
+        first = _first_port()
         port = next((p for p in range(first, first + PORTS_TRIED) if not port_taken(p)), None)
         if port is None:
             from tasks.errors import InvalidInput

@@ -192,6 +192,10 @@ def test_prefect_api_url_and_thermocal_server_ephemeral_start_no_local_server(tm
     result, err = _finish(_run(env, tmp_path / "store", "--data", str(readings_csv), "--epochs", "20"))
     assert result["epochs_run"] == 20
     assert "local Prefect server" not in err and not _supervisors(home) and not list(home.glob("thermocal-server-*"))
-    bad = subprocess.run([str(BIN / "thermocal"), "run", "--data", str(readings_csv)], capture_output=True, text=True,
-                         env={**env, "THERMOCAL_SERVER": "remote"}, timeout=120)
-    assert bad.returncode == 2 and "THERMOCAL_SERVER must be local or ephemeral (got 'remote')" in bad.stderr
+    for name, value, message in (("THERMOCAL_SERVER", "remote", "THERMOCAL_SERVER must be local or ephemeral (got 'remote')"),
+                                 ("THERMOCAL_SERVER_PORT", "42x", "THERMOCAL_SERVER_PORT must be a port number from 1024 to 65515 (got '42x')"),
+                                 ("THERMOCAL_SERVER_IDLE", "3h", "THERMOCAL_SERVER_IDLE must be a number of seconds (got '3h')")):
+        bad = subprocess.run([str(BIN / "thermocal"), "run", "--data", str(readings_csv)], capture_output=True, text=True,
+                             env={**env, "THERMOCAL_SERVER": "local", name: value}, timeout=120)
+        assert bad.returncode == 2 and f"thermocal: error: {message}" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not _supervisors(home)
