@@ -62,24 +62,40 @@ def silence_prefect_console() -> None:
             handler.setLevel(logging.CRITICAL + 1)
 
 
+def _toml(path: Path) -> dict:
+    import tomllib
+
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _configured_api_url() -> str | None:
-    """PREFECT_API_URL as Prefect would read it: the environment, Prefect's settings when Prefect
-    is loaded already (a test harness), else the active profile (read without importing Prefect)."""
+    """PREFECT_API_URL as Prefect would find it: the environment, Prefect's settings when Prefect
+    is loaded already (a test harness), else the sources Prefect reads, without importing it: a
+    `.env` file, `prefect.toml` or `pyproject.toml` ([tool.prefect]) in the working directory,
+    and the active profile."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     if "prefect.settings" in sys.modules:
         from prefect.settings import PREFECT_API_URL
 
         return PREFECT_API_URL.value()
-    import tomllib
-
+    try:
+        dotenv = Path(".env").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        dotenv = []
+    for line in dotenv:
+        name, _, value = line.partition("=")
+        if name.strip().removeprefix("export ").strip() == "PREFECT_API_URL" and value.strip().strip("'\""):
+            return value.strip().strip("'\"")
+    for table in (_toml(Path("prefect.toml")), _toml(Path("pyproject.toml")).get("tool", {}).get("prefect", {})):
+        if url := table.get("api", {}).get("url"):
+            return url
     from flows.daemon import home
 
-    path = Path(os.environ.get("PREFECT_PROFILES_PATH", home() / "profiles.toml")).expanduser()
-    try:
-        profiles = tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    profiles = _toml(Path(os.environ.get("PREFECT_PROFILES_PATH", home() / "profiles.toml")).expanduser())
     active = os.environ.get("PREFECT_PROFILE") or profiles.get("active", "ephemeral")
     return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
 

@@ -199,3 +199,30 @@ def test_prefect_api_url_and_thermocal_server_ephemeral_start_no_local_server(tm
                              env={**env, "THERMOCAL_SERVER": "local", name: value}, timeout=120)
         assert bad.returncode == 2 and f"thermocal: error: {message}" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     assert not _supervisors(home)
+
+
+@pytest.mark.parametrize("source", ["environment", ".env", "prefect.toml", "pyproject.toml", "profile"])
+def test_a_prefect_api_url_from_any_of_prefects_sources_wins_over_the_local_server(tmp_path, source):
+    """Read as Prefect would, without importing it (run in a fresh process: this one has Prefect loaded)."""
+    url = "http://127.0.0.1:9/api"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    files = {".env": f'export PREFECT_API_URL="{url}"\n', "prefect.toml": f'[api]\nurl = "{url}"\n',
+             "pyproject.toml": f'[tool.prefect.api]\nurl = "{url}"\n'}
+    if source == "environment":
+        env["PREFECT_API_URL"] = url
+    elif source == "profile":
+        (home / "profiles.toml").write_text(f'active = "mine"\n[profiles.mine]\nPREFECT_API_URL = "{url}"\n')
+    else:
+        (tmp_path / source).write_text(files[source])
+    check = "from flows.connect import _configured_api_url; print(_configured_api_url())"
+    found = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert found.stdout.strip() == url, found.stderr
+    for name in files:
+        (tmp_path / name).unlink(missing_ok=True)
+    (home / "profiles.toml").unlink(missing_ok=True)
+    env.pop("PREFECT_API_URL", None)
+    none = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert none.stdout.strip() == "None", none.stderr
