@@ -1,6 +1,6 @@
 """A trained calibration as data: the model's spec, its named parameters, its fitted constants, the
-normalization of the readings and the calibrated range. What the train stage persists, and all
-that validation, inference, the report and `thermocal predict` need."""
+normalization of the readings, the calibrated range and its uncertainty (tasks.uncertainty). What
+the train stage persists, and all that validation, inference, the report and `thermocal predict` need."""
 
 from __future__ import annotations
 
@@ -21,11 +21,15 @@ class Calibration:
     theta: np.ndarray  # every parameter packed, float32 as trained
     normalizer: Normalizer
     range: tuple[float, float]  # lowest and highest training reading (raw units)
+    # s, dof, t(0.975), the parameters' covariance and/or bootstrap replicates (tasks.uncertainty);
+    # None for calibrations persisted before uncertainties existed
+    uncertainty: dict | None = None
 
     @classmethod
     def from_record(cls, record: dict) -> Calibration:
         model = load_model(record["spec"], record["buffers"])
-        return cls(model, model.pack(record["parameters"]), Normalizer(**record["normalizer"]), tuple(record["range"]))
+        return cls(model, model.pack(record["parameters"]), Normalizer(**record["normalizer"]), tuple(record["range"]),
+                   record.get("uncertainty"))
 
     def to_record(self) -> dict:
         """Plain data (names -> numpy arrays), as a state_dict and a config hold a model."""
@@ -35,6 +39,7 @@ class Calibration:
             "buffers": self.model.buffers(),
             "normalizer": self.normalizer.to_dict(),
             "range": [float(v) for v in self.range],
+            "uncertainty": self.uncertainty,
         }
 
     def features(self, readings):
@@ -78,10 +83,19 @@ class Calibration:
     def summary(self) -> dict:
         """The calibration as the user reads it: kind, raw-unit coefficients (slope and intercept
         for the line), range; for the network, which has no formula, a table across the range."""
+        from tasks.uncertainty import coefficient_summary
+
         coefficients = self.coefficients
-        out = {"kind": self.model.kind, "coefficients": coefficients, "range": [float(v) for v in self.range]}
+        out = {"kind": self.model.kind, "coefficients": coefficients, "range": [float(v) for v in self.range],
+               **coefficient_summary(self.model, self.uncertainty, self.normalizer)}
         if self.model.kind == "linear":
             out = {"slope": coefficients[1], "intercept": coefficients[0], **out}
         if coefficients is None:
             out["table"] = self.table()
         return out
+
+    def predictions(self, readings, engine: str = "torch") -> list[dict]:
+        """Each reading's °C with its uncertainty: reading, celsius, u_fit, interval, extrapolated."""
+        from tasks.uncertainty import prediction_records
+
+        return prediction_records(self, readings, engine)

@@ -117,7 +117,7 @@ def _read(path: Path, **options) -> pd.DataFrame:
         raise _ragged(path) from None
 
 
-def _file_lines(path: Path, rows: set[int]) -> dict[int, int]:
+def file_lines(path: Path, rows: set[int]) -> dict[int, int]:
     """The file line of each data row asked (pandas skips blank lines, so row + 2 may be wrong)."""
     lines, row = {}, -1
     with open(path, encoding="utf-8-sig", errors="replace") as handle:
@@ -138,7 +138,7 @@ def _describe_failures(
     """One line per failure, in file order: where (line, row, column), the value, the rule."""
     lines: list[tuple[float, str]] = []
     indices = {int(i) for i in failures["index"] if i is not None and not pd.isna(i)}
-    file_lines = _file_lines(path, indices) if path is not None and indices else {}
+    lines_of = file_lines(path, indices) if path is not None and indices else {}
     coerce_failed = set(failures.loc[failures["check"].astype(str).str.startswith("coerce_dtype"), "column"])
     repeated_headers = set()
     for row in failures.itertuples(index=False):
@@ -147,7 +147,7 @@ def _describe_failures(
             continue  # the same cells as the coercion failure
         if index is not None and not pd.isna(index):
             index = int(index)
-            where = f"line {file_lines.get(index, index + 2)} (row {index + 1})"
+            where = f"line {lines_of.get(index, index + 2)} (row {index + 1})"
         else:
             where = ""
         if check == "column_in_dataframe":

@@ -27,6 +27,8 @@ NORMALIZATIONS: tuple[str, ...] = Normalization.__args__
 
 AUTO_TOL = 1e-6  # a converged float32 loss jitters by about 1e-7 (finite differences): stop above that
 MAX_EPOCHS = 5000
+NETWORK_BOOTSTRAP = 100  # replicates for the network's uncertainty when --bootstrap is not given
+MAX_BOOTSTRAP = 10_000
 
 
 class CalibrationSettings(BaseModel):
@@ -71,6 +73,13 @@ class CalibrationSettings(BaseModel):
     # the line's and the polynomials' losses are quadratic, so central differences are exact for any delta
     delta: float = Field(0.1, gt=0.0, description="step of --strategy finite-difference")
     log_every: int = Field(500, gt=0, description="log epochs 1-3, then every N")
+    # uncertainty (tasks.uncertainty): the network's comes from a bootstrap; the other models' from
+    # the least-squares formulas, with a bootstrap beside them on request as a cross-check
+    bootstrap: int | None = Field(
+        None, ge=0, le=MAX_BOOTSTRAP, description="bootstrap replicates, trained at once, for the uncertainty "
+        f"(default: {NETWORK_BOOTSTRAP} for mlp, 0 otherwise; with linear or poly a cross-check of the formulas)",
+    )
+    drop_outliers: bool = Field(False, description="refit without the training rows flagged as outliers, and record which")
 
     @field_validator("scale", "lr", "delta", "tol")
     @classmethod
@@ -102,10 +111,34 @@ class CalibrationSettings(BaseModel):
             return self.tol
         return AUTO_TOL if self.epochs is None else 0.0
 
+    @property
+    def bootstrap_replicates(self) -> int:
+        """--bootstrap; by default NETWORK_BOOTSTRAP for the network (it has no closed form), 0 otherwise."""
+        if self.bootstrap is not None:
+            return self.bootstrap
+        return NETWORK_BOOTSTRAP if self.model.startswith("mlp") else 0
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _enough_replicates(cls, value: int | None) -> int | None:
+        if value == 1:
+            raise ValueError("must be 0 (no bootstrap) or at least 2 (a spread needs two replicates)")
+        return value
+
     @model_validator(mode="after")
     def _columns_differ(self) -> CalibrationSettings:
         if self.reading_column == self.celsius_column:
             raise ValueError("reading_column and celsius_column must name different columns")
+        return self
+
+    @model_validator(mode="after")
+    def _batchable(self) -> CalibrationSettings:
+        if self.bootstrap_replicates and self.strategy == "optimizer" and self.optimizer == "lbfgs":
+            raise ValueError(f"--optimizer lbfgs cannot train bootstrap replicates at once (its line search couples them); "
+                             f"{self.model} would use {self.bootstrap_replicates}: give --bootstrap 0, or another optimizer")
+        if self.bootstrap_replicates and self.batch_size is not None:
+            raise ValueError(f"--batch-size trains one model at a time; {self.model} would train {self.bootstrap_replicates} "
+                             "bootstrap replicates at once: give --bootstrap 0, or no --batch-size")
         return self
 
 
