@@ -5,6 +5,7 @@ import asyncio
 import concurrent.futures
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, tags
@@ -16,7 +17,7 @@ from prefect.utilities.annotations import quote
 from tasks.errors import UNREADABLE, unreadable
 from tasks.settings import CalibrationSettings
 from tasks.split import rows_needed
-from tasks.record import publish_run, record_run
+from tasks.record import new_run_id, publish_run, record_run, run_identity
 from tasks.stages import (
     infer_celsius,
     ingest_readings,
@@ -105,10 +106,13 @@ async def stage_result(state, store: Store, started: float, call: Call) -> Stage
     return StageRun(call.name, await state.aresult(), state.name == "Cached", time.perf_counter() - started, state, call.ancestors)
 
 
-async def _run_stage(stage_task, store: Store, keyed: dict, **unkeyed) -> StageRun:
-    """Run one stage through Prefect's cache, awaited on the flow's event loop (its body runs in a thread)."""
+async def _run_stage(stage_task, store: Store, keyed: dict, run_name: str | None = None, **unkeyed) -> StageRun:
+    """Run one stage through Prefect's cache, awaited on the flow's event loop (its body runs in a
+    thread); `run_name`: the task run's name when a stage runs twice (the refit without outliers)."""
     started = time.perf_counter()
     configured, call = stage_call(stage_task, store, keyed, **unkeyed)
+    if run_name:
+        configured = configured.with_options(task_run_name=run_name)
     return await stage_result(await configured(**call.quoted, wait_for=call.wait_for, return_state=True), store, started, call)
 
 
@@ -160,7 +164,7 @@ def train_inputs(settings: CalibrationSettings, upstream: dict[str, StageRun]) -
         "optimizer": settings.optimizer if settings.strategy == "optimizer" else None,
         "delta": settings.delta if settings.strategy == "finite-difference" else None,
         "tol": settings.stopping_tol, "patience": settings.patience, "val_patience": settings.val_patience,
-        "batch_size": settings.batch_size, "seed": settings.seed,
+        "batch_size": settings.batch_size, "seed": settings.seed, "bootstrap": settings.bootstrap_replicates,
     }
 
 
@@ -168,6 +172,11 @@ def settings_used(settings: CalibrationSettings) -> dict:
     """The settings as the run used them: the learning rate, epoch cap and tolerance resolved."""
     used = settings.model_dump(exclude={"log_every"})
     return {**used, "lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
+
+
+def outliers_to_drop(settings: CalibrationSettings, validate: StageRun) -> list[dict]:
+    """The outliers validation found, when --drop-outliers asks to refit without them."""
+    return list(validate.ref["summary"].get("outliers") or []) if settings.drop_outliers else []
 
 
 def evaluate_inputs(ingest: StageRun, split: StageRun, train: StageRun) -> dict:
@@ -193,16 +202,25 @@ async def calibrate(
             split = await _run_stage(split_readings, s, split_inputs(settings, ingest))
             upstream = {"ingest": ingest, "normalize": normalize, "split": split}
             train = await _run_stage(train_calibration, s, train_inputs(settings, upstream), log_every=settings.log_every)
-            validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
+            validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train), data=str(data_path))
+            dropped = outliers_to_drop(settings, validate)
+            if dropped:  # --drop-outliers: the same training without them, checked again
+                refit = {**train_inputs(settings, upstream), "exclude": [o["index"] for o in dropped]}
+                train = await _run_stage(train_calibration, s, refit, log_every=settings.log_every, run_name="train-without-outliers")
+                validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train), data=str(data_path),
+                                            run_name="validate-without-outliers")
             infer = await _run_stage(infer_celsius, s, {**evaluate_inputs(ingest, split, train), "readings": predict})
             used = settings_used(settings)
-            report = await _run_stage(report_run, s, {"ingest": ingest, "train": train, "validate": validate, "infer": infer, "settings": used})
+            run_id = new_run_id(datetime.now(timezone.utc))
+            report = await _run_stage(report_run, s, {"ingest": ingest, "train": train, "validate": validate, "infer": infer, "settings": used},
+                                      identity=run_identity(run_id, data_path))
             stages = {"ingest": ingest, "normalize": normalize, "split": split, "train": train,
                       "validate": validate, "infer": infer, "report": report}
             effective = {"lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
             runs = {name: {"ref": run.ref, "cached": run.cached, "seconds": run.seconds} for name, run in stages.items()}
             summary = await record_run(quote(str(s.root)), quote(str(data_path)), quote(data_sha256), quote(settings.model_dump()),
-                                       quote(effective), quote(predict), quote(runs), wait_for=[done(report.state)])
+                                       quote(effective), quote(predict), quote(runs), quote(dropped), quote(run_id),
+                                       wait_for=[done(report.state)])
             await publish_run(summary, used)
             return summary
     finally:

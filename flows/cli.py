@@ -25,11 +25,13 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
 
 def _option(name: str, field) -> tuple[str, dict]:
     """The argparse flag and keywords of one settings field: `val_fraction: float = 0.2` ->
-    ('--val-fraction', type=float, default=0.2, help='… (default: 0.2)'); a Literal gives choices."""
+    ('--val-fraction', type=float, default=0.2, help='… (default: 0.2)'); a Literal gives choices, a bool a switch."""
     annotation = field.annotation
     kinds = [a for a in typing.get_args(annotation) if a is not type(None)] if typing.get_origin(annotation) in (typing.Union, types.UnionType) else [annotation]
     kind = kinds[0]
     options: dict = {"default": field.default, "help": field.description}
+    if kind is bool:  # a switch: --drop-outliers
+        return "--" + name.replace("_", "-"), {**options, "action": "store_true"}
     if typing.get_origin(kind) is typing.Literal and not field.metadata:
         options["choices"] = typing.get_args(kind)
     elif kind in (int, float):
@@ -147,6 +149,7 @@ def _settings(args: argparse.Namespace) -> CalibrationSettings:
 def _print_run(summary: dict) -> None:
     print(f"model: {summary['model']['spec']}")
     results.print_calibration(summary["calibration"])
+    results.print_uncertainty(summary["calibration"])
     val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
     if summary["optimum"] is not None:
         print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}, "
@@ -158,12 +161,15 @@ def _print_run(summary: dict) -> None:
     print(f"{summary['epochs_run']} epochs ({stop}) in {summary['train_seconds'] * 1000:.1f} ms of training")
     for warning in summary["warnings"]:  # the --lr warning before training included: it said why the run went on
         print(f"warning: {warning}")
-    for row in summary["predictions"]:
-        print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
+    for outlier in summary.get("dropped_outliers", []):
+        print(f"dropped outlier: line {outlier['row']} (reading {outlier['reading']:g}, {outlier['celsius']:g} °C, "
+              f"studentized residual {outlier['studentized']:+.2f}); the calibration above is refitted without it")
+    results.print_predictions(summary["predictions"])
     print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
     for name, stage in summary["stages"].items():
         print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
     print(f"plot: {summary['report']}")
+    print(f"certificate: {summary['certificate']}")
 
 
 def _header(path: str) -> list[str]:

@@ -22,6 +22,30 @@ def print_calibration(calibration: dict, prefix: str = "calibration: ") -> None:
         print(f"  {row['reading']:>12.6g} -> {row['celsius']:10.4f} °C")
 
 
+def print_uncertainty(calibration: dict) -> None:
+    """The coefficients' standard uncertainties and s, as a line a person reads."""
+    sd, s, dof = calibration.get("standard_uncertainties"), calibration.get("residual_sd"), calibration.get("dof")
+    if sd:
+        names = ("intercept", "slope") if calibration.get("kind") == "linear" else tuple(f"c{i}" for i in range(len(sd)))
+        print("standard uncertainties: " + ", ".join(f"u({name}) = {u:.3g}" for name, u in zip(names, sd)))
+    if s is not None:
+        how = "out-of-bag, bootstrap" if calibration.get("uncertainty_method") == "bootstrap" else f"{dof} degrees of freedom"
+        print(f"residual standard deviation s = {s:.4g} °C ({how})")
+    elif dof is not None and dof <= 0:
+        print("no uncertainty: as many training rows as coefficients leave no degree of freedom for the residuals")
+
+
+def print_predictions(rows: list[dict]) -> None:
+    """'reading 45 -> 10.7218 °C ± 1.9912 °C (95 %)', and a warning for each extrapolated reading."""
+    from tasks.uncertainty import expanded
+
+    for row in rows:
+        half = expanded(row)
+        spread = f" ± {half:.4f} °C (95 %)" if half is not None else ""
+        print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C{spread}"
+              + ("  [extrapolated: outside the calibrated range]" if row.get("extrapolated") else ""))
+
+
 def predict(args: argparse.Namespace) -> int:
     """°C for readings from a persisted model: the latest one that may be trusted, or `--run`."""
     from tasks.calibration import Calibration
@@ -32,8 +56,8 @@ def predict(args: argparse.Namespace) -> int:
     manifest, warnings = choose_run(store, args.run_id, args.data)
     trained = store.load({"stage": "train", **manifest["stages"]["train"]})
     calibration = Calibration.from_record(trained["model"])
-    celsius = calibration.predict(args.readings, engine="numpy")  # float64, from the persisted parameters, without torch
-    rows = [{"reading": r, "celsius": float(c)} for r, c in zip(args.readings, celsius)]
+    # float64, from the persisted parameters and uncertainty, without torch (or scipy)
+    rows = calibration.predictions(args.readings, engine="numpy")
     low, high = calibration.range
     outside = [f"{r:g}" for r in args.readings if not low <= r <= high]
     if outside:
@@ -46,8 +70,7 @@ def predict(args: argparse.Namespace) -> int:
         return 0
     print(f"run {manifest['run_id']} ({calibration.model.spec}) of {manifest['data']['path']}")
     print_calibration(trained["calibration"])
-    for row in rows:
-        print(f"  reading {row['reading']:g} -> {row['celsius']:.4f} °C")
+    print_predictions(rows)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import platform
 import subprocess
 import uuid
@@ -17,12 +18,30 @@ from prefect.runtime import flow_run
 from tasks.report import calibration_formula, calibration_markdown
 from tasks.stages import CODE_MODULES, code_version, threaded_task
 from tasks.store import Store, atomic_write
+from tasks.uncertainty import expanded
 
 LIBRARIES = ("torch", "prefect", "pandera", "pandas", "numpy", "joblib", "pydantic", "matplotlib")
 # artifact keys: lowercase letters, digits and dashes, the same in every run so the UI tracks them
 METRICS_KEY, REPORT_KEY = "thermocal-metrics", "thermocal-report"
 
 
+def extrapolation_warnings(predictions: list[dict], calibrated_range) -> list[str]:
+    outside = [f"{p['reading']:g}" for p in predictions if p.get("extrapolated")]
+    if not outside:
+        return []
+    low, high = calibrated_range
+    return [f"reading(s) {', '.join(outside)} outside the calibrated range {low:g} to {high:g}: extrapolated, "
+            "and their uncertainty grows quickly outside the range"]
+
+
+def run_identity(run_id: str, data: Path) -> dict:
+    """What the certificate names: the run, thermocal's version, the date, the data file and the code."""
+    code = f"{_code_revision() or 'unknown revision'}, sources sha256 {code_version(tuple(sorted(ALL_MODULES)))[:16]}"
+    return {"run_id": run_id, "version": version("thermocal"), "issued": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "data_name": Path(data).name, "code": code}
+
+
+@functools.cache
 def _code_revision() -> str | None:
     try:
         out = subprocess.run(
@@ -45,6 +64,12 @@ def _metrics_table(summary: dict) -> list[dict]:
         rows += [{"metric": "slope (°C per reading)", "value": cal["slope"]}, {"metric": "intercept (°C)", "value": cal["intercept"]}]
     elif cal["coefficients"] is not None:
         rows += [{"metric": f"c{i} (°C per reading^{i})", "value": c} for i, c in enumerate(cal["coefficients"])]
+    sd = cal.get("standard_uncertainties") or []
+    names = ("intercept", "slope") if cal["kind"] == "linear" else [f"c{i}" for i in range(len(sd))]
+    rows += [{"metric": f"u({name}), standard uncertainty", "value": u} for name, u in zip(names, sd)]
+    if cal.get("residual_sd") is not None:
+        rows += [{"metric": "residual standard deviation s (°C)", "value": cal["residual_sd"]},
+                 {"metric": "degrees of freedom of s", "value": cal["dof"]}]
     rows += [{"metric": "training loss (MSE)", "value": summary["train_loss"]},
              {"metric": "validation loss (MSE)", "value": summary["val_loss"]}]
     if opt is not None:
@@ -53,7 +78,10 @@ def _metrics_table(summary: dict) -> list[dict]:
                  {"metric": "converged", "value": summary["converged"]}]
     rows += [{"metric": f"best {spec} (MSE)", "value": loss} for spec, loss in (summary.get("baselines") or {}).items()]
     rows += [{"metric": "epochs", "value": summary["epochs_run"]}]
-    return rows + [{"metric": f"°C at reading {p['reading']:g}", "value": p["celsius"]} for p in summary["predictions"]]
+    rows += [{"metric": "outliers (CSV lines)", "value": ", ".join(str(o["row"]) for o in summary.get("outliers", [])) or "none"}]
+    return rows + [{"metric": f"°C at reading {p['reading']:g}" + (" (extrapolated)" if p.get("extrapolated") else ""),
+                    "value": p["celsius"] if expanded(p) is None else f"{p['celsius']:.4f} ± {expanded(p):.4f} (95 %)"}
+                   for p in summary["predictions"]]
 
 
 async def publish_run(summary: dict, settings: dict) -> None:
@@ -67,18 +95,27 @@ async def publish_run(summary: dict, settings: dict) -> None:
                                     markdown=calibration_markdown(summary, settings, image, summary["stages"]))
 
 
+ALL_MODULES = {m for mods in CODE_MODULES.values() for m in mods}  # every stage's modules (all registered at import)
 RESULTS = ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "baselines",
-           "warnings", "train_rows", "val_rows", "epochs_run", "stopped_by", "train_seconds", "predictions")
+           "warnings", "train_rows", "val_rows", "epochs_run", "stopped_by", "train_seconds", "predictions", "outliers",
+           "dropped_outliers", "certificate", "correction_table")
+OUTLIER_FIELDS = ("row", "reading", "celsius", "residual", "studentized")
+
+
+def _public(outlier: dict) -> dict:
+    """An outlier as the run's JSON gives it (its position in the table stays internal)."""
+    return {k: outlier[k] for k in OUTLIER_FIELDS}
 
 
 @threaded_task(name="record-run", task_run_name="record-run")
 def record_run(
-    store: str, data: str, data_sha256: str, settings: dict, effective: dict, predict: list[float], stages: dict[str, dict]
+    store: str, data: str, data_sha256: str, settings: dict, effective: dict, predict: list[float], stages: dict[str, dict],
+    dropped: list[dict] | None = None, run_id: str | None = None,
 ) -> dict:
     """Write the run's manifest and return its summary."""
     s = Store(store)
     now = datetime.now(timezone.utc)
-    run_id = new_run_id(now)
+    run_id = run_id or new_run_id(now)
     train, validate, infer = (stages[n]["ref"]["summary"] for n in ("train", "validate", "infer"))
     summary = {
         "run_id": run_id,
@@ -94,12 +131,17 @@ def record_run(
         "stopped_by": train["stopped_by"],
         "train_seconds": train["train_seconds"],
         "predictions": infer["new"],
+        "outliers": [_public(o) for o in validate.get("outliers", [])],
+        **({"dropped_outliers": [_public(o) for o in dropped]} if dropped else {}),
         "stages": {
             name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"], "seconds": run["seconds"]}
             for name, run in stages.items()
         },
         "report": str(s.path(stages["report"]["ref"]["files"]["report.png"])),
+        "certificate": str(s.path(stages["report"]["ref"]["files"]["certificate.pdf"])),
+        "correction_table": stages["report"]["ref"]["summary"]["correction_table"],
     }
+    summary["warnings"] += extrapolation_warnings(summary["predictions"], summary["calibration"]["range"])
     manifest = {
         "run_id": run_id,
         "created": now.isoformat(),
@@ -109,7 +151,7 @@ def record_run(
         "effective": effective,  # what the defaults of lr, epochs and tol resolved to
         "code": {
             "revision": _code_revision(),
-            "sha256": code_version(tuple(sorted({m for mods in CODE_MODULES.values() for m in mods}))),
+            "sha256": code_version(tuple(sorted(ALL_MODULES))),
         },
         "libraries": {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}},
         "stages": {

@@ -225,13 +225,16 @@ def model_summary(calibration) -> dict:
 
 
 @_stage("train", ("tasks.train", "tasks.strategies", "tasks.objectives", "tasks.model", "tasks.models", "tasks.calibration",
-                  "tasks.normalize", "tasks.errors", "tasks.stability"))
+                  "tasks.normalize", "tasks.errors", "tasks.stability", "tasks.uncertainty", "tasks.batched"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict, model: str,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
     tol: float, patience: int, val_patience: int, batch_size: int | None, seed: int, log_every: int,
+    bootstrap: int = 0, exclude: list[int] | None = None,
 ) -> dict:
-    """Gradient descent on the training rows, validation loss every epoch."""
+    """Gradient descent on the training rows, validation loss every epoch; then the calibration's
+    uncertainty (tasks.uncertainty): the least-squares formulas and/or `bootstrap` replicates
+    trained at once. `exclude`: rows (positions in the table) left out of training (--drop-outliers)."""
     import numpy as np
     import pandas as pd
     import torch
@@ -243,20 +246,23 @@ def train_calibration(
     from tasks.normalize import Normalizer
     from tasks.stability import PLAIN_STEPS, advice, lr_warning
     from tasks.train import Stopping, train_model
+    from tasks.uncertainty import analytic_uncertainty, bootstrap_uncertainty
 
     s = Store(store)
     raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
+    if exclude:
+        train_idx = train_idx[~np.isin(train_idx, np.asarray(exclude, dtype=train_idx.dtype))]
     normalizer = Normalizer(**s.load(normalize)["normalizer"])
     # the rows each part needs, then the table goes: on 10 million rows it is 160 MB
-    raw_train, raw_val = raw[train_idx], raw[val_idx]
+    raw_train, raw_val, y64 = raw[train_idx], raw[val_idx], celsius[train_idx]
     y_train, y_val = (torch.from_numpy(celsius[i].astype(np.float32)) for i in (train_idx, val_idx))
     del raw, celsius
     calibrated_range = (float(raw_train.min()), float(raw_train.max()))
-    x_train = normalizer.apply64(raw_train)
+    x_train = normalizer.apply64(raw_train)  # kept in float64 with y64 for the uncertainty
+    del raw_train
     fitted = make_model(model).fit(x_train)  # constants from the training rows only (the polynomial basis)
     # the model reads float32, as the seed's tensors; its features are computed once, in float64
     f_train = fitted.features(torch.from_numpy(x_train)).float()
-    del raw_train, x_train
     f_val = fitted.features(torch.from_numpy(normalizer.apply64(raw_val))).float()
     del raw_val
     warnings = [w for w in [lr_warning(fitted, f_train, lr)] if w and strategy in PLAIN_STEPS]
@@ -280,9 +286,22 @@ def train_calibration(
     finally:
         progress.close()
     progress.finish()
-    calibration = Calibration(fitted, result.params, normalizer, calibrated_range)
+    del f_val, y_val
+    uncertainty = analytic_uncertainty(fitted, result.params, x_train, y64) if fitted.linear_in_params else None
+    if bootstrap:
+        started_bootstrap = time.perf_counter()
+        options = {"strategy": strategy, "lr": lr, "epochs": epochs, "delta": delta or 0.1, "optimizer": optimizer or "sgd",
+                   "stopping": Stopping(tol=tol, patience=patience)}
+        uncertainty = bootstrap_uncertainty(fitted, result.params, x_train, y64, bootstrap, seed, uncertainty, options)
+        get_run_logger().info("%d bootstrap replicates trained at once in %.2f s (%s bootstrap)", bootstrap,
+                              time.perf_counter() - started_bootstrap, uncertainty["bootstrap"]["method"])
+        if uncertainty["bootstrap"]["used"] < bootstrap:
+            warnings.append(f"{bootstrap - uncertainty['bootstrap']['used']} of {bootstrap} bootstrap replicates diverged "
+                            "and were left out of the uncertainty")
+    calibration = Calibration(fitted, result.params, normalizer, calibrated_range, uncertainty)
     settings = {"model": model, "strategy": strategy, "optimizer": optimizer, "lr": lr, "epochs": epochs, "delta": delta,
-                "tol": tol, "patience": patience, "val_patience": val_patience, "batch_size": batch_size, "seed": seed}
+                "tol": tol, "patience": patience, "val_patience": val_patience, "batch_size": batch_size, "seed": seed,
+                "bootstrap": bootstrap, "exclude": list(exclude or [])}
     output = {
         "model": calibration.to_record(),
         "calibration": calibration.summary(),
@@ -290,6 +309,7 @@ def train_calibration(
         "history": {"train_loss": result.train_loss, "val_loss": result.val_loss},
         "epochs_run": result.epochs_run,
         "stopped_by": result.stopped_by,
+        "excluded": list(exclude or []),
     }  # data only: no timings, so the same inputs give byte-identical files
     history = pd.DataFrame({"epoch": np.arange(1, result.epochs_run + 1), "train_loss": result.train_loss})
     if result.val_loss is not None:
@@ -300,17 +320,26 @@ def train_calibration(
     return s.write_stage("train", key, files, summary)
 
 
-@_stage("validate", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.stability"))
-def validate_calibration(store: str, key: str, ingest: dict, split: dict, train: dict) -> dict:
-    """Final losses with gradients off, and the gap to the least-squares optimum (or, for the
-    network, the best polynomials' losses)."""
+@_stage("validate", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.stability",
+                     "tasks.uncertainty", "tasks.ingest"))
+def validate_calibration(store: str, key: str, ingest: dict, split: dict, train: dict, data: str | None = None) -> dict:
+    """Final losses with gradients off, the gap to the least-squares optimum (or, for the network,
+    the best polynomials' losses), and the residual checks: every training row's residual and
+    externally studentized residual, the outliers among them named by their line in `data`."""
+    import numpy as np
+    import pandas as pd
+
     from tasks.calibration import Calibration
     from tasks.evaluate import fit_quality, prediction_losses, warnings_for  # the two halves of evaluate_model
     from tasks.stability import slow_advice
+    from tasks.uncertainty import residual_checks
 
     s = Store(store)
     raw, celsius, train_idx, val_idx = _rows(s, ingest, split)
     trained = s.load(train)
+    excluded = np.asarray(trained.get("excluded", []), dtype=np.int64)
+    if len(excluded):
+        train_idx = train_idx[~np.isin(train_idx, excluded)]
     calibration = Calibration.from_record(trained["model"])
     losses = prediction_losses(calibration, raw, celsius, train_idx, val_idx)
     x_train, y_train = raw[train_idx], celsius[train_idx]
@@ -319,40 +348,84 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
     hint = "" if metrics["converged"] is not False else slow_advice(
         calibration.model.spec, x_train, y_train, calibration.normalizer, trained["settings"]["lr"])
     metrics["warnings"] = warnings_for(metrics, calibration.model.spec, hint)
+    checks = residual_checks(calibration, x_train, y_train)
+    readable = len(train_idx) <= READABLE_ROWS  # a residual table for people too: every row's line
+    lines = _file_lines(data, train_idx if readable else train_idx[checks["outliers"]]) if data else {}
+    metrics["outliers"] = sorted(({
+        "row": lines.get(int(train_idx[i]), int(train_idx[i]) + 2), "reading": float(x_train[i]), "celsius": float(y_train[i]),
+        "residual": float(checks["residual"][i]), "studentized": float(checks["studentized"][i]), "index": int(train_idx[i]),
+    } for i in checks["outliers"]), key=lambda o: o["row"])
+    metrics["outlier_limit"] = checks["limit"]
+    if metrics["outliers"]:
+        named = ", ".join(f"line {o['row']} (reading {o['reading']:g}, {o['celsius']:g} °C: residual {o['residual']:+.3g} °C, "
+                          f"studentized {o['studentized']:+.2f})" for o in metrics["outliers"])
+        metrics["warnings"].append(
+            f"{len(metrics['outliers'])} outlier(s) among the training rows, beyond the Bonferroni-corrected 5 % limit "
+            f"|t| > {checks['limit']:.2f}: {named}; they were kept (--drop-outliers refits without them)")
     for warning in metrics["warnings"]:
         get_run_logger().warning(warning)
-    files = {"validate.joblib": _joblib(metrics), "metrics.json": _json(metrics)}
+    # per training row, in the split's order: its position in the ingested table (which holds its
+    # reading and °C), residual and studentized residual; 9 bytes a row on 10 million rows
+    residuals = pd.DataFrame({"index": train_idx, "residual": checks["residual"].astype(np.float32),
+                              "studentized": checks["studentized"]})
+    files = {"validate.joblib": _joblib({**metrics, "residuals": residuals}), "metrics.json": _json(metrics)}
+    if readable:  # for people: in file order, with the line, reading and °C
+        table = residuals.assign(row=[lines.get(int(i), int(i) + 2) for i in train_idx], reading=x_train, celsius=y_train)
+        files["residuals.csv"] = _csv(table.sort_values("row")[["row", "reading", "celsius", "residual", "studentized"]])
     return s.write_stage("validate", key, files, metrics)
 
 
-@_stage("infer", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize"))
+def _file_lines(data: str, rows) -> dict[int, int]:
+    """The CSV line of each table row asked (the header is line 1; pandas skips blank lines)."""
+    from tasks.ingest import file_lines
+
+    rows = {int(r) for r in rows}
+    if not rows:
+        return {}
+    try:
+        return file_lines(Path(data), rows)
+    except OSError:  # the file moved since it was ingested: row + 2, right unless it holds blank lines
+        return {}
+
+
+@_stage("infer", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.uncertainty"))
 def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, readings: list[float]) -> dict:
-    """°C for every reading of the dataset and for the new readings asked."""
-    import numpy as np
+    """°C for every reading of the dataset and for the new readings asked, each with its
+    uncertainty: u_fit, the 95 % interval for a new observation, and whether it is extrapolated."""
     import pandas as pd
 
     from tasks.evaluate import predictions_table
 
     s = Store(store)
     table = s.load(ingest)
+    trained = s.load(train)
     raw, celsius, _, val_idx = _rows(s, ingest, split, table)
     calibration = _calibration(s, train)
-    dataset = predictions_table(calibration, raw, celsius, val_idx)
-    new = pd.DataFrame({"reading": np.asarray(readings, dtype=np.float64)})
-    new["celsius"] = calibration.predict(new["reading"].to_numpy())
-    files = {"infer.joblib": _joblib({"dataset": dataset, "new": new}), "new_predictions.csv": _csv(new)}
+    dataset = predictions_table(calibration, raw, celsius, val_idx, trained.get("excluded"))
+    records = calibration.predictions(readings)
+    new = pd.DataFrame([{**{k: v for k, v in r.items() if k != "interval"},
+                         "interval_low": r["interval"][0] if r["interval"] else None,
+                         "interval_high": r["interval"][1] if r["interval"] else None} for r in records],
+                       columns=["reading", "celsius", "u_fit", "interval_low", "interval_high", "extrapolated"])
+    files = {"infer.joblib": _joblib({"dataset": dataset, "new": new, "records": records}), "new_predictions.csv": _csv(new)}
     if len(dataset) <= READABLE_ROWS:
         files["predictions.csv"] = _csv(pd.concat([table, dataset], axis=1))
-    return s.write_stage("infer", key, files, {"new": new.to_dict(orient="records")})
+    return s.write_stage("infer", key, files, {"new": records})
 
 
-@_stage("report", ("tasks.report", "tasks.calibration", "tasks.models"))
-def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, infer: dict, settings: dict) -> dict:
-    """The seed's plot and a markdown summary."""
+@_stage("report", ("tasks.report", "tasks.certificate", "tasks.calibration", "tasks.models", "tasks.uncertainty"))
+def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, infer: dict, settings: dict,
+               identity: dict | None = None) -> dict:
+    """The seed's plot with the residuals, a markdown summary with the uncertainty tables, and the
+    one-page certificate. `identity`: the run that computes it (run id, code version, data file),
+    which the certificate names; a later run that finds this stage cached reuses that certificate."""
+    import numpy as np
     import pandas as pd
 
     from tasks.calibration import Calibration
-    from tasks.report import axis_label, calibration_markdown, plot_calibration
+    from tasks.certificate import write_certificate
+    from tasks.report import axis_label, calibration_markdown, plot_calibration, residual_points
+    from tasks.uncertainty import TABLE_POINTS
 
     s = Store(store)
     trained, metrics, predictions = s.load(train), s.load(validate), s.load(infer)
@@ -364,15 +437,23 @@ def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, 
         **{k: metrics[k] for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "train_rows", "val_rows")},
         "baselines": metrics.get("baselines"),
         "epochs_run": trained["epochs_run"],
-        "predictions": predictions["new"].to_dict(orient="records"),
+        "predictions": predictions.get("records", predictions["new"].to_dict(orient="records")),
+        "outliers": metrics.get("outliers", []),
+        "correction_table": calibration.predictions(np.linspace(*calibration.range, TABLE_POINTS)),
         "settings": settings,
     }
+    residuals = metrics.get("residuals")
+    if residuals is not None:
+        residuals = residual_points(residuals, points["reading"].to_numpy(), [o["index"] for o in summary["outliers"]])
     history = trained["history"]
     summary["axes"] = labels = [axis_label(settings["reading_column"], "instrument units"), axis_label(settings["celsius_column"], "°C")]
+    identity = {"run_id": "-", "version": "-", "issued": "-", "data_name": "-", "code": "-",
+                **(identity or {}), "data_sha256": ingest["summary"]["data_sha256"]}
     files = {
         "report.joblib": _joblib(summary),
         "report.png": lambda path: plot_calibration(path, points, calibration.predict, calibration.range,
-                                                    history["train_loss"], history["val_loss"], labels),
+                                                    history["train_loss"], history["val_loss"], labels, residuals),
         "report.md": lambda path: path.write_text(calibration_markdown(summary, settings, "report.png")),
+        "certificate.pdf": lambda path: write_certificate(path, summary, identity, residuals),
     }
-    return s.write_stage("report", key, files, {})
+    return s.write_stage("report", key, files, {"correction_table": summary["correction_table"], "identity": identity})
