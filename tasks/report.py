@@ -39,12 +39,14 @@ def calibration_formula(calibration: dict, reading: str = "reading") -> str | No
 
 def plot_calibration(
     path: Path, table: pd.DataFrame, predict, calibrated_range, train_loss: np.ndarray, val_loss: np.ndarray | None,
-    labels: tuple[str, str] = ("reading (instrument units)", "celsius (°C)"),
+    labels: tuple[str, str] = ("reading (instrument units)", "celsius (°C)"), residuals: pd.DataFrame | None = None,
 ) -> None:
     """Readings as points with the fitted curve (raw units, dense over the calibrated range; dashed
-    where the data reach beyond it), and the loss curves, as one PNG.
+    where the data reach beyond it), the loss curves, and the training residuals against the
+    reading (outliers marked), as one PNG.
 
     `table` has columns reading, celsius and subset; past PLOT_POINTS rows a seeded sample is drawn.
+    `residuals`: the validate stage's table (reading, residual, studentized) and its `outliers` flag.
     """
     import matplotlib
     import numpy as np
@@ -55,7 +57,11 @@ def plot_calibration(
     full_range = table["reading"].min(), table["reading"].max()
     if len(table) > PLOT_POINTS:
         table = table.sample(PLOT_POINTS, random_state=0)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    panels = 3 if residuals is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), dpi=100)
+    left, right = axes[0], axes[1]
+    if residuals is not None:
+        plot_residuals(axes[2], residuals, labels[0])
     for subset, marker in (("train", "o"), ("validation", "s")):
         rows = table[table["subset"] == subset]
         if len(rows):
@@ -85,8 +91,86 @@ def plot_calibration(
     plt.close(fig)
 
 
+def residual_points(residuals: pd.DataFrame, readings: np.ndarray, outliers: list[int]) -> pd.DataFrame:
+    """The validate stage's residual table as plotted: past PLOT_POINTS rows a seeded sample, every
+    outlier kept; with each row's reading (from the ingested table) and an `outlier` flag."""
+    import pandas as pd
+
+    flagged = residuals["index"].isin(outliers)
+    others = residuals[~flagged]
+    if len(others) > PLOT_POINTS:
+        others = others.sample(PLOT_POINTS, random_state=0)
+    points = pd.concat([others, residuals[flagged]])
+    return points.assign(reading=readings[points["index"].to_numpy()], outlier=points["index"].isin(outliers))
+
+
+def plot_residuals(ax, residuals: pd.DataFrame, reading_label: str = "reading (instrument units)") -> None:
+    """The training rows' residuals (fitted - true, °C) against the reading; outliers in red
+    (`residuals`: reading, residual and outlier, as `residual_points` gives them)."""
+    flagged = residuals["outlier"] if "outlier" in residuals else None
+    kept = residuals if flagged is None else residuals[~flagged]
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.plot(kept["reading"], kept["residual"], "o", label="training rows")
+    if flagged is not None and flagged.any():
+        ax.plot(residuals["reading"][flagged], residuals["residual"][flagged], "o", color="tab:red", label="outliers")
+    ax.set_xlabel(reading_label)
+    ax.set_ylabel("residual, fitted − true (°C)")
+    ax.set_title("Residuals")
+    ax.legend()
+
+
 def _table_markdown(rows: list[dict]) -> str:
     return "| reading | °C |\n|---|---|\n" + "\n".join(f"| {r['reading']:.6g} | {r['celsius']:.4f} |" for r in rows)
+
+
+def _u(value) -> str:
+    return "–" if value is None else f"{value:.4g}"
+
+
+def coefficient_rows(calibration: dict) -> list[dict]:
+    """Each raw-unit coefficient with its standard uncertainty and expanded uncertainty (k = 2)."""
+    from tasks.uncertainty import COVERAGE_FACTOR
+
+    coefficients, sd = calibration.get("coefficients"), calibration.get("standard_uncertainties")
+    if coefficients is None:
+        return []
+    sd = sd or [None] * len(coefficients)
+    return [{"name": f"c{i}", "unit": "°C" if i == 0 else f"°C per reading{'' if i == 1 else str(i).translate(_SUPERSCRIPT)}",
+             "value": c, "u": u, "U": None if u is None else COVERAGE_FACTOR * u} for i, (c, u) in enumerate(zip(coefficients, sd))]
+
+
+def uncertain_table_markdown(rows: list[dict]) -> str:
+    """reading | °C | U (95 %) | u_fit | extrapolated."""
+    from tasks.uncertainty import expanded
+
+    lines = [f"| {r['reading']:.6g} | {r['celsius']:.4f} | {_u(expanded(r))} | {_u(r.get('u_fit'))} | "
+             f"{'**yes**' if r.get('extrapolated') else 'no'} |" for r in rows]
+    return "| reading | °C | ± U (95 %) | u_fit | extrapolated |\n|---|---|---|---|---|\n" + "\n".join(lines)
+
+
+def uncertainty_markdown(summary: dict) -> list[str]:
+    """The certificate's tables: coefficients ± U (k = 2), s, the correction table, the outliers."""
+    cal = summary["calibration"]
+    parts = ["## Uncertainty"]
+    rows = coefficient_rows(cal)
+    if rows:
+        parts.append("| coefficient | value | standard uncertainty u | expanded U (k = 2) |\n|---|---|---|---|\n" + "\n".join(
+            f"| {r['name']} ({r['unit']}) | {r['value']:.7g} | {_u(r['u'])} | {_u(r['U'])} |" for r in rows))
+    if cal.get("residual_sd") is not None:
+        how = ("out-of-bag, from the bootstrap" if cal.get("uncertainty_method") == "bootstrap"
+               else f"{cal['dof']} degrees of freedom")
+        parts.append(f"Residual standard deviation s = {cal['residual_sd']:.4g} °C ({how}).")
+    if cal.get("bootstrap"):
+        b = cal["bootstrap"]
+        parts.append(f"Bootstrap: {b['used']} of {b['replicates']} replicates ({b['method']} resampling, seed {b['seed']}).")
+    if summary.get("correction_table"):
+        parts += ["### Correction table (calibrated range)", uncertain_table_markdown(summary["correction_table"])]
+    if summary.get("outliers"):
+        parts += ["### Outliers among the training rows (kept unless --drop-outliers)",
+                  "| line | reading | °C | residual | studentized |\n|---|---|---|---|---|\n" + "\n".join(
+                      f"| {o['row']} | {o['reading']:g} | {o['celsius']:g} | {o['residual']:+.4g} | {o['studentized']:+.3f} |"
+                      for o in summary["outliers"])]
+    return parts
 
 
 def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict | None = None) -> str:
@@ -117,7 +201,8 @@ def calibration_markdown(summary: dict, settings: dict, image: str, stages: dict
         parts.append(_table_markdown(cal["table"]))
     parts.append(f"![calibration plot]({image})")
     if summary.get("predictions"):
-        parts += ["## New readings", _table_markdown(summary["predictions"])]
+        parts += ["## New readings", uncertain_table_markdown(summary["predictions"])]
+    parts += uncertainty_markdown(summary)
     parts += [
         "## Metrics",
         "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows),
