@@ -62,7 +62,7 @@ async def sweep(
             except ThermocalError as error:  # one diverging combination does not sink the sweep
                 rows.append({"config": config.model_dump(), "error": str(error)})
                 continue
-            validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train))
+            validate = await _run_stage(validate_calibration, s, evaluate_inputs(ingest, split, train), data=str(data_path))
             rows.append({"config": config.model_dump(), "lr": config.learning_rate, "train": train.ref["summary"],
                          "validate": validate.ref["summary"], "cached": train.cached, "train_path": train.ref["path"]})
         return record_sweep(str(s.root), str(data_path), data_sha256, rows)
