@@ -145,8 +145,8 @@ def data_file_sha256(path: Path) -> str:
 
 
 def ingest_inputs(settings: CalibrationSettings, data_sha256: str) -> dict:
-    return {"data_sha256": data_sha256, "reading_column": settings.reading_column,
-            "celsius_column": settings.celsius_column, "min_rows": rows_needed(settings.val_fraction)}
+    return {"data_sha256": data_sha256, "reading_column": settings.reading_column, "celsius_column": settings.celsius_column,
+            "min_rows": rows_needed(settings.val_fraction), "sep": settings.sep, "decimal": settings.decimal}
 
 
 def normalize_inputs(settings: CalibrationSettings, ingest: StageRun) -> dict:

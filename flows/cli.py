@@ -34,6 +34,8 @@ def _option(name: str, field) -> tuple[str, dict]:
         return "--" + name.replace("_", "-"), {**options, "action": "store_true"}
     if typing.get_origin(kind) is typing.Literal and not field.metadata:
         options["choices"] = typing.get_args(kind)
+        if any("," in choice for choice in options["choices"]):  # argparse's {.,,} would read as nonsense
+            options["metavar"] = "|".join(f"'{choice}'" for choice in options["choices"])
     elif kind in (int, float):
         options["type"] = kind
     if field.default is not None:
@@ -172,13 +174,13 @@ def _print_run(summary: dict) -> None:
     print(f"certificate: {summary['certificate']}")
 
 
-def _header(path: str) -> list[str]:
+def _header(path: str, sep: str = ",") -> list[str]:
     """The CSV's column names as the csv module reads its first line; [] if that fails."""
     import csv
 
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            return next(csv.reader(handle), [])
+            return next(csv.reader(handle, delimiter=sep), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return []
 
@@ -191,11 +193,11 @@ def _check_data_file(path: str, settings: CalibrationSettings) -> None:
         open(path, "rb").close()
     except UNREADABLE as error:
         raise unreadable(path, error) from None
-    if {settings.reading_column, settings.celsius_column} <= set(_header(path)):
+    if {settings.reading_column, settings.celsius_column} <= set(_header(path, settings.sep)):
         return
     from tasks.ingest import check_header
 
-    check_header(Path(path), settings.reading_column, settings.celsius_column)
+    check_header(Path(path), settings.reading_column, settings.celsius_column, settings.sep, settings.decimal)
 
 
 def _run(args: argparse.Namespace) -> int:

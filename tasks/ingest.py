@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from pathlib import Path
 
@@ -69,10 +70,10 @@ def _first_undecodable(path: Path) -> tuple[int, int]:
     return 1, 0
 
 
-def _first_ragged_line(path: Path) -> tuple[int, int, int] | None:
+def _first_ragged_line(path: Path, sep: str = ",") -> tuple[int, int, int] | None:
     """(line, fields, header fields) of the first line whose field count differs from the header's."""
     with open(path, encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle)
+        rows = csv.reader(handle, delimiter=sep)
         header = len(next(rows, []))
         for number, row in enumerate(rows, start=2):
             if row and len(row) != header:
@@ -80,21 +81,33 @@ def _first_ragged_line(path: Path) -> tuple[int, int, int] | None:
     return None
 
 
-def _ragged(path: Path) -> InvalidInput:
-    found = _first_ragged_line(path)
+def _ragged(path: Path, sep: str = ",") -> InvalidInput:
+    found = _first_ragged_line(path, sep)
     if found is None:
         return InvalidInput(f"{path}: not a readable CSV (rows and header disagree on the number of fields)")
     line, fields, header = found
-    return InvalidInput(
-        f"{path}: line {line} has {fields} fields but the header has {header}; "
-        "check for a stray comma, or decimal commas (write 0.5, not 0,5)"
-    )
+    hint = ("check for a stray comma, or decimal commas: a file written as 0,5 with ';' between fields "
+            "needs --sep ';' --decimal ','") if sep == "," else f"check for a stray {sep!r} (the field separator, --sep)"
+    return InvalidInput(f"{path}: line {line} has {fields} fields but the header has {header}; {hint}")
 
 
+def _separator_hint(found: list, sep: str) -> str:
+    """What to say when the header reads as one column: the separator it seems to use."""
+    if len(found) != 1:
+        return ""
+    header = str(found[0])
+    for candidate, name in ((";", "';'"), ("\t", "tab"), ("|", "'|'"), (",", "','")):
+        if candidate != sep and candidate in header:
+            decimal = " (and --decimal ',' if its numbers are written 0,5)" if candidate == ";" else ""
+            return f"; the file looks separated by {name}: give --sep {name}{decimal}"
+    return ""
+
+
+DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+([eE][+-]?\d+)?")  # 0,5 or -12,25: a number written with a decimal comma
 MAX_LISTED = 50  # problems listed in one message; the rest are counted
 
 
-def _read(path: Path, **options) -> pd.DataFrame:
+def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataFrame:
     """pd.read_csv with every way a file can be unreadable turned into a message naming it.
 
     One pass with pandas' defaults is the fastest read (blank lines skipped, spaces around
@@ -105,7 +118,7 @@ def _read(path: Path, **options) -> pd.DataFrame:
             # pandas otherwise drops a first row's extra field with only a warning, or turns the
             # first column into the index: either silently changes the data
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, encoding="utf-8-sig", index_col=False, **options)
+            return pd.read_csv(path, encoding="utf-8-sig", index_col=False, sep=sep, decimal=decimal, **options)
     except UNREADABLE as error:
         raise unreadable(path, error) from None
     except pd.errors.EmptyDataError:
@@ -114,7 +127,7 @@ def _read(path: Path, **options) -> pd.DataFrame:
         line, offset = _first_undecodable(path)
         raise InvalidInput(f"{path}: line {line} (byte {offset}) is not UTF-8 text; save the file as UTF-8 CSV") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning):
-        raise _ragged(path) from None
+        raise _ragged(path, sep) from None
 
 
 def file_lines(path: Path, rows: set[int]) -> dict[int, int]:
@@ -133,7 +146,8 @@ def file_lines(path: Path, rows: set[int]) -> dict[int, int]:
 
 
 def _describe_failures(
-    failures: pd.DataFrame, found: list, reading_column: str, min_rows: int, rows: int, path: Path | None = None
+    failures: pd.DataFrame, found: list, reading_column: str, min_rows: int, rows: int, path: Path | None = None,
+    sep: str = ",", decimal: str = ".",
 ) -> list[str]:
     """One line per failure, in file order: where (line, row, column), the value, the rule."""
     lines: list[tuple[float, str]] = []
@@ -151,9 +165,9 @@ def _describe_failures(
         else:
             where = ""
         if check == "column_in_dataframe":
-            hint = ""
-            if len(found) == 1 and (";" in str(found[0]) or "\t" in str(found[0])):
-                hint = "; the file looks separated by ';' or tabs: use commas"
+            hint = _separator_hint(found, sep)
+            if hint:
+                pass
             elif len(found) >= 2 and not any("--reading-column" in text for _, text in lines):
                 hint = "; name the file's own columns with --reading-column and --celsius-column"
             lines.append((-1, f"column {value!r} is missing (columns found: {', '.join(repr(c) for c in found)}){hint}"))
@@ -166,7 +180,9 @@ def _describe_failures(
                 repeated_headers.add(index)
                 lines.append((index, f"{where}: the header line appears again"))
         elif check.startswith("coerce_dtype"):
-            lines.append((index, f"{where}, column {column!r}: {value!r} is not a number"))
+            comma = decimal == "." and isinstance(value, str) and DECIMAL_COMMA.fullmatch(value.strip())
+            hint = " (a decimal comma: give --decimal ',')" if comma else ""
+            lines.append((index, f"{where}, column {column!r}: {value!r} is not a number{hint}"))
         elif check == "not_nullable":
             lines.append((index, f"{where}, column {column!r}: missing value (blank or NaN)"))
         elif check == "finite":
@@ -193,30 +209,30 @@ def _failures(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> pd.DataFrame |
     return None
 
 
-def check_header(path: Path, reading_column: str, celsius_column: str) -> list[str]:
+def check_header(path: Path, reading_column: str, celsius_column: str, sep: str = ",", decimal: str = ".") -> list[str]:
     """The file's column names, or InvalidInput when it cannot be read or lacks a column asked for
     (cheap: the header line only, so a command can say so before starting anything)."""
-    found = list(_read(path, nrows=0).columns)
+    found = list(_read(path, sep, decimal, nrows=0).columns)
     if reading_column not in found or celsius_column not in found:
         failures = _failures(readings_schema(reading_column, celsius_column), pd.DataFrame(columns=found))  # names every missing column
-        raise _refused(path, _describe_failures(failures, found, reading_column, 0, 0))
+        raise _refused(path, _describe_failures(failures, found, reading_column, 0, 0, sep=sep, decimal=decimal))
     return found
 
 
-def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows: int) -> pd.DataFrame:
+def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows: int, sep: str = ",", decimal: str = ".") -> pd.DataFrame:
     """The file's readings as float64 columns `reading` and `celsius`, or InvalidInput listing every problem.
 
     Only the two columns are parsed; the frame pandas returns is validated and kept as it is (no
     copy), so peak memory is pandas' own parse of those columns.
     """
-    found = check_header(path, reading_column, celsius_column)
+    found = check_header(path, reading_column, celsius_column, sep, decimal)
     schema = readings_schema(reading_column, celsius_column)
     wanted = [reading_column, celsius_column]
     # usecols skips extra columns but doubles parse time: only ask for it when there are extra columns
-    frame = _read(path, usecols=wanted) if len(found) > 2 else _read(path)
+    frame = _read(path, sep, decimal, usecols=wanted) if len(found) > 2 else _read(path, sep, decimal)
     failures = _failures(schema, frame)
     if failures is not None:
-        raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(frame), path))
+        raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(frame), path, sep, decimal))
     table = frame.rename(columns={reading_column: READING, celsius_column: CELSIUS})[[READING, CELSIUS]].astype(np.float64)
     if (failures := _failures(table_schema(min_rows), table)) is not None:
         raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(table)))

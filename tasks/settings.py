@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from tasks.specs import SPEC_PATTERN, VALID_FORMS, canonical_spec, default_lr
 
@@ -21,6 +21,21 @@ OptimizerName = Annotated[Literal[OPTIMIZERS], BeforeValidator(lambda v: v.lower
 # a model family and its size: linear, poly:K, mlp:H (tasks.models); written as the user likes
 # ("Poly:3 "), kept in its canonical form; the JSON schema's pattern lets the server refuse a bad one
 ModelSpec = Annotated[str, Field(pattern=SPEC_PATTERN), BeforeValidator(lambda v: canonical_spec(v) if isinstance(v, str) else v)]
+
+def _separator(value):
+    """'tab' and a typed backslash-t mean a tab; anything else is taken as written."""
+    if isinstance(value, str) and value.strip().lower() in ("tab", "\\t"):
+        return "\t"
+    return value
+
+
+def _one_separator(value: str) -> str:
+    if len(value) != 1 or value.isalnum() or value in '".+-':
+        raise ValueError(f"must be one character that cannot be part of a number or a quoted field, such as ',', ';' or tab (got {value!r})")
+    return value
+
+
+Separator = Annotated[str, AfterValidator(_one_separator), BeforeValidator(_separator)]
 
 STRATEGIES: tuple[str, ...] = Strategy.__args__
 NORMALIZATIONS: tuple[str, ...] = Normalization.__args__
@@ -43,9 +58,12 @@ class CalibrationSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # ingest: the CSV's column names for the instrument's reading and the true temperature
+    # ingest: the CSV's column names for the instrument's reading and the true temperature, and how
+    # its fields and numbers are written (European logger and spreadsheet exports: ';' and ',')
     reading_column: str = Field("reading", min_length=1, description="column of instrument readings")
     celsius_column: str = Field("celsius", min_length=1, description="column of true °C")
+    sep: Separator = Field(",", description="field separator of the CSV: one character, e.g. ';' (European exports) or tab")
+    decimal: Literal[".", ","] = Field(".", description="decimal mark of the CSV's numbers: '.' or ','")
     # the model family: the seed's line by default
     model: ModelSpec = Field("linear", description=f"model to fit: {VALID_FORMS}")
     # normalize: z-score by default, which makes the loss well conditioned;
@@ -129,6 +147,9 @@ class CalibrationSettings(BaseModel):
     def _columns_differ(self) -> CalibrationSettings:
         if self.reading_column == self.celsius_column:
             raise ValueError("reading_column and celsius_column must name different columns")
+        if self.sep == self.decimal:
+            raise ValueError(f"--sep and --decimal are both {self.sep!r}: a European export separates fields by ';' "
+                             "(--sep ';' --decimal ',')")
         return self
 
     @model_validator(mode="after")
@@ -159,5 +180,6 @@ def describe_validation_error(error) -> str:
         flag = "--" + field.replace("_", "-") if field in CalibrationSettings.model_fields else field
         message = item["msg"].removeprefix("Value error, ")
         given = repr(item.get("input"))
-        lines.append(f"  {flag}: {message}" + ("" if given in message else f" (got {given})"))
+        whole = not item["loc"]  # a rule over several options: its message names them, the input is every setting
+        lines.append(f"  {flag}: {message}" + ("" if whole or given in message else f" (got {given})"))
     return "invalid options:\n" + "\n".join(lines)

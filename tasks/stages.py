@@ -158,11 +158,12 @@ def _json(value):
 
 
 @_stage("ingest", ("tasks.ingest", "tasks.errors"))
-def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str) -> dict:
-    """Read the CSV and validate it against the readings schema."""
+def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str,
+                    sep: str = ",", decimal: str = ".") -> dict:
+    """Read the CSV (fields separated by `sep`, numbers with the `decimal` mark) and validate it against the readings schema."""
     from tasks.ingest import load_readings
 
-    table = load_readings(Path(data), reading_column, celsius_column, min_rows)
+    table = load_readings(Path(data), reading_column, celsius_column, min_rows, sep, decimal)
     get_run_logger().info("ingested %d valid readings from %s", len(table), data)
     files = {"ingest.joblib": _joblib(table)}
     if len(table) <= READABLE_ROWS:

@@ -26,11 +26,11 @@ FILES = {
     "repeated-header.csv": ["line 4 (row 3)", "the header line appears again"],
     "latin1.csv": ["line 4", "not UTF-8"],
     "utf16.csv": ["line 1", "not UTF-8"],
-    "semicolons.csv": ["column 'reading' is missing", "separated by ';'"],
+    "semicolons.csv": ["column 'reading' is missing", "separated by ';': give --sep ';'"],
     "too-few-rows.csv": ["3 row(s) of readings", "at least 5"],
     "constant-readings.csv": ["column 'reading' is the same", "two different readings"],
     "ragged-row.csv": ["line 3 has 3 fields but the header has 2"],
-    "decimal-comma.csv": ["line 2 has 3 fields", "decimal commas"],
+    "decimal-comma.csv": ["line 2 has 3 fields", "decimal commas", "--sep ';' --decimal ','"],
 }
 
 OPTIONS = {
@@ -42,6 +42,9 @@ OPTIONS = {
     "scale-0": (["--scale", "0"], ["--scale:", "must not be 0"]),
     "unknown-optimizer": (["--strategy", "optimizer", "--optimizer", "adamx"], ["--optimizer:", "'adam'", "'sgd'"]),
     "nan-lr": (["--lr", "nan"], ["--lr:"]),
+    "sep-digit": (["--sep", "1"], ["--sep:", "one character", "(got '1')"]),
+    "sep-equals-decimal": (["--decimal", ","], ["--sep and --decimal are both ','"]),
+    "bootstrap-1": (["--bootstrap", "1"], ["--bootstrap:", "at least 2"]),
 }
 
 

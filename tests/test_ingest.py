@@ -40,7 +40,7 @@ def test_shipped_data_is_valid():
         ("reading,celsius\ninf,1.0\n" + GOOD_ROWS, ["line 2", "'reading'", "inf is not finite"]),
         ("reading,celsius\n" + GOOD_ROWS + "7.0,-300\n", ["line 7", "'celsius'", "below absolute zero"]),
         ("reading,temp\n" + GOOD_ROWS, ["column 'celsius' is missing", "'temp'"]),
-        ("reading;celsius\n1;2\n", ["column 'reading' is missing", "separated by ';'"]),
+        ("reading;celsius\n1;2\n", ["column 'reading' is missing", "separated by ';': give --sep ';'"]),
         ("reading,celsius\n", ["0 row(s)", "at least 5"]),
         ("reading,celsius\n1,2\n2,3\n", ["2 row(s)", "at least 5"]),
         ("reading,celsius\n" + GOOD_ROWS[:24] + "reading,celsius\n" + GOOD_ROWS, ["line 5", "the header line appears again"]),
@@ -96,3 +96,32 @@ def test_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path):
     path = _write(tmp_path, "reading,celsius\n1,2\n\n2,3\n3,4\n4,5\n5,oops\n")
     message = str(pytest.raises(InvalidInput, _load, path).value)
     assert "line 7" in message
+
+
+EUROPEAN = "reading;celsius;note\n35,7;0,5;a\n55,9;14,0;b\n58,2;15,0;\n81,9;28,0;c\n56,3;11,0;d\n48,9;8,0;e\n"
+
+
+def test_european_exports_read_with_sep_and_decimal(tmp_path):
+    from tasks.ingest import load_readings
+
+    path = _write(tmp_path, EUROPEAN)
+    table = load_readings(path, "reading", "celsius", 5, sep=";", decimal=",")
+    assert table["reading"].tolist() == [35.7, 55.9, 58.2, 81.9, 56.3, 48.9]
+    assert table["celsius"].tolist() == [0.5, 14.0, 15.0, 28.0, 11.0, 8.0]
+    tabbed = _write(tmp_path, EUROPEAN.replace(";", "\t"))
+    assert load_readings(tabbed, "reading", "celsius", 5, sep="\t", decimal=",").equals(table)
+
+
+def test_messages_name_sep_and_decimal(tmp_path):
+    from tasks.ingest import load_readings
+
+    path = _write(tmp_path, EUROPEAN)
+    # fields split right but numbers still with decimal commas: every cell named, and the option
+    message = str(pytest.raises(InvalidInput, load_readings, path, "reading", "celsius", 5, sep=";").value)
+    assert "line 2 (row 1), column 'reading': '35,7' is not a number (a decimal comma: give --decimal ',')" in message
+    assert "12 problem(s)" in message
+    # neither option: the header reads as one column
+    message = str(pytest.raises(InvalidInput, load_readings, path, "reading", "celsius", 5).value)
+    assert "separated by ';': give --sep ';' (and --decimal ',' if its numbers are written 0,5)" in message
+    tabbed = _write(tmp_path, "reading\tcelsius\n1\t2\n")
+    assert "give --sep tab" in str(pytest.raises(InvalidInput, load_readings, tabbed, "reading", "celsius", 1).value)
