@@ -467,7 +467,8 @@ def _limit(first: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _threads(count: int | None):
-    """torch's intra-op threads set to `count` for the block (None: left as they are)."""
+    """torch's intra-op threads set to `count` for the block (None: left as they are). The setting is
+    the process's: torch work in other threads meanwhile runs on as many."""
     previous = torch.get_num_threads()
     if count is None or count == previous:
         yield

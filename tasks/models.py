@@ -292,13 +292,15 @@ class MLP(Model):
 
         w1, b1, w2, b2 = self._split(theta)  # (B, H), (B, H), (B, H), (B, 1)
         hidden = torch.addcmul(b1[:, None, :], x[..., None], w1[:, None, :]).tanh_()  # (B, n, H)
-        residual = torch.baddbmm(b2[:, :, None], hidden, w2[:, :, None])[..., 0] - y  # (B, n)
+        # products summed over the hidden units or the rows, not batched matrix products: on B tiny
+        # matrices those cost more (measured 5-40 % of the whole, with B = 100, n = 9, H = 13)
+        residual = (hidden * w2[:, None, :]).sum(2) + (b2 - y)  # (B, n)
         weighted = weights * residual
         d_pred = weighted + weighted  # dL/dpred of sum(w r^2): 2 w r (doubling is exact)
         d_hidden = d_pred[..., None] * w2[:, None, :]  # (B, n, H): back through the second layer's weights
         d_z = torch.addcmul(d_hidden, d_hidden * hidden, hidden, value=-1.0)  # tanh'(z) = 1 - tanh(z)^2
-        grad = torch.cat([(x[..., None, :] @ d_z)[:, 0], d_z.sum(1), torch.bmm(d_pred[:, None, :], hidden)[:, 0],
-                          d_pred.sum(1, keepdim=True)], dim=1)
+        grad = torch.cat([(x[..., None] * d_z).sum(1), d_z.sum(1), (d_pred[..., None] * hidden).sum(1), d_pred.sum(1, keepdim=True)],
+                         dim=1)
         return torch.linalg.vecdot(weighted, residual), grad
 
     def initial(self, generator=None):
