@@ -7,13 +7,20 @@ and the tests work on any of them (the registry MODELS, like STEPPERS for strate
 - `features(x)`: what `forward` reads, computed once per data set (readings, or basis values);
 - `forward(theta, f)`: predictions; theta is every parameter packed into one vector, shape (P,)
   for one model or (B, P) for B models at once (finite differences, bootstraps, fleets), giving
-  (n,) or (B, n);
+  (n,) or (B, n). The features are shared by every model, or per model with leading dimensions
+  that broadcast against theta's ((B, n) readings or (B, n, P) design matrices for theta (B, P);
+  finite differences of B models pass (B, 1, ...) against points (B, 2P + 1, P));
 - `loss_and_gradient(theta, f, y)`: the MSE and its hand-derived gradient;
 - `objective(f, y)`: that loss on fixed data as training evaluates it every epoch
   (tasks.objectives), with what depends only on the data computed once;
+- `weighted_loss_and_gradient(theta, f, y, weights)` / `batched_objective(f, y, weights)`: the
+  same for B models at once, each with its own weighted mean of squared residuals (tasks.batched);
 - `initial(generator)`: starting parameters, drawn from the run's own generator where random;
 - `unpack(theta)` / `pack(arrays)`: named arrays as a state_dict holds them, and back;
-- `design(f)` (models linear in their parameters): the matrix X with forward = X @ theta, for least squares;
+- `design(f)` (models linear in their parameters): the matrix X with forward = X @ theta, for least squares
+  ((n, P), or (B, n, P) for per-model features);
+- `feature_ndim`: the dimensions of one data set's features ((n,) readings: 1, (n, K + 1) basis values:
+  2), so that a leading model dimension can be told apart;
 - `raw_coefficients(theta, normalizer)`: °C = sum(c_i reading^i) in raw units (None for the network).
 """
 
@@ -46,6 +53,7 @@ class Model:
     kind: str
     spec: str
     linear_in_params = False
+    feature_ndim = 1  # features of one data set are (n,) readings; Poly's basis values are (n, K + 1)
     # the learning rate of plain gradient descent when --lr is not given, by normalization
     AUTO_LR: dict[str, float]
     names: tuple[str, ...]
@@ -81,6 +89,21 @@ class Model:
         # models linear in their parameters share one derivation (LeastSquares); others derive their own
         return self.objective(f, y).loss_and_gradient(theta)
 
+    def batched_objective(self, f: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
+        """The weighted losses of B models at once (tasks.batched): f and y shared or per model, weights (B, n)
+        summing to 1 per model."""
+        from tasks.batched import WeightedLeastSquares, WeightedObjective  # training only: it needs torch
+
+        return WeightedLeastSquares(self, f, y, weights) if self.linear_in_params else WeightedObjective(self, f, y, weights)
+
+    def weighted_loss_and_gradient(self, theta: torch.Tensor, f: torch.Tensor, y: torch.Tensor,
+                                   weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Losses (B,) and hand-derived gradients (B, P) of B models theta (B, P): model b's loss is
+        sum_i weights[b, i] * r_bi^2, its weights (B, n) summing to 1 (row multiplicities over their
+        total: the weighted mean). Models linear in their parameters share one derivation
+        (tasks.batched.WeightedLeastSquares); others derive their own."""
+        return self.batched_objective(f, y, weights).loss_and_gradient(theta)
+
     def unpack(self, theta: np.ndarray) -> dict[str, np.ndarray]:
         arrays, start = {}, 0
         for name in self.names:
@@ -109,13 +132,15 @@ class Linear(Model):
         pass  # the line has one size; the argument keeps every family's constructor alike
 
     def forward(self, theta, x):
-        """x: the readings (n,), or their design matrix (n, 2) (rows [x_i, 1]), which training uses."""
-        if x.ndim == 2:
-            return x @ theta if theta.ndim == 1 else theta @ x.T
+        """x: the readings (n,), or their design matrix (n, 2) (rows [x_i, 1]), which training uses,
+        or per model (B, n, 2). Per-model readings (B, n) go through their design matrix: as 2-D
+        arrays they could not be told from one data set's design matrix."""
+        if x.ndim >= 2:
+            return _design_forward(theta, x)
         if theta.ndim == 1:
             w, b = theta
             return w * x + b
-        return theta[:, :1] * x + theta[:, 1:]
+        return theta[..., :1] * x + theta[..., 1:]
 
     def initial(self, generator=None):
         import torch
@@ -124,7 +149,7 @@ class Linear(Model):
 
     def design(self, x):
         xp = _xp(x)
-        return xp.stack([x, xp.ones_like(x)], axis=1)
+        return xp.stack([x, xp.ones_like(x)], axis=-1)  # (n, 2), or (B, n, 2) for per-model readings (B, n)
 
     def raw_coefficients(self, theta, normalizer):
         w, b = (float(v) for v in theta)
@@ -146,6 +171,7 @@ class Poly(Model):
 
     kind = "poly"
     linear_in_params = True
+    feature_ndim = 2
     names = ("c",)
     AUTO_LR = AUTO_LR["poly"]
 
@@ -188,15 +214,15 @@ class Poly(Model):
         return basis
 
     def features(self, x):
-        """P_0(x) ... P_K(x) as columns, shape (n, K + 1), in x's dtype."""
+        """P_0(x) ... P_K(x) as columns, shape (n, K + 1) (or (B, n, K + 1) for readings (B, n)), in x's dtype."""
         xp = _xp(x)
-        return xp.stack(self._basis(x, xp.ones_like(x), xp.zeros_like(x)), axis=1)
+        return xp.stack(self._basis(x, xp.ones_like(x), xp.zeros_like(x)), axis=-1)
 
     def design(self, f):
         return f
 
     def forward(self, theta, f):
-        return f @ theta if theta.ndim == 1 else theta @ f.T
+        return _design_forward(theta, f)
 
     def initial(self, generator=None):
         import torch
@@ -239,8 +265,11 @@ class MLP(Model):
         if theta.ndim == 1:
             hidden = xp.tanh(xp.outer(x, w1) + b1)  # (n, H)
             return hidden @ w2 + b2
-        hidden = xp.tanh(x[None, :, None] * w1[:, None, :] + b1[:, None, :])  # (B, n, H)
-        return xp.einsum("bnh,bh->bn", hidden, w2) + b2
+        # theta (B, P) on readings (n,) or (B, n) -> (B, n, H); any leading dimensions that broadcast
+        hidden = xp.tanh(x[..., None] * w1[..., None, :] + b1[..., None, :])
+        if xp is np:  # numpy's matmul sums in another order than its einsum, which inference has always used
+            return xp.einsum("...nh,...h->...n", hidden, w2) + b2
+        return (hidden @ w2[..., None])[..., 0] + b2  # torch: einsum("bnh,bh->bn")'s numbers, at a fraction of its overhead
 
     def loss_and_gradient(self, theta, x, y):
         import torch
@@ -255,6 +284,25 @@ class MLP(Model):
         grad = torch.cat([x @ d_z, d_z.sum(0), d_pred @ hidden, d_pred.sum().reshape(1)])
         return ((pred - y) ** 2).mean(), grad
 
+    def weighted_loss_and_gradient(self, theta, x, y, weights):
+        """loss_and_gradient's derivation for B networks theta (B, P) at once, each on its weighted
+        mean (weights (B, n) summing to 1 per model); x and y are (n,) shared or (B, n) per model.
+        Few operations, fused where torch offers it: on a few rows each costs about the same whatever its size."""
+        import torch
+
+        w1, b1, w2, b2 = self._split(theta)  # (B, H), (B, H), (B, H), (B, 1)
+        hidden = torch.addcmul(b1[:, None, :], x[..., None], w1[:, None, :]).tanh_()  # (B, n, H)
+        # products summed over the hidden units or the rows, not batched matrix products: on B tiny
+        # matrices those cost more (measured 5-40 % of the whole, with B = 100, n = 9, H = 13)
+        residual = (hidden * w2[:, None, :]).sum(2) + (b2 - y)  # (B, n)
+        weighted = weights * residual
+        d_pred = weighted + weighted  # dL/dpred of sum(w r^2): 2 w r (doubling is exact)
+        d_hidden = d_pred[..., None] * w2[:, None, :]  # (B, n, H): back through the second layer's weights
+        d_z = torch.addcmul(d_hidden, d_hidden * hidden, hidden, value=-1.0)  # tanh'(z) = 1 - tanh(z)^2
+        grad = torch.cat([(x[..., None] * d_z).sum(1), d_z.sum(1), (d_pred[..., None] * hidden).sum(1), d_pred.sum(1, keepdim=True)],
+                         dim=1)
+        return torch.linalg.vecdot(weighted, residual), grad
+
     def initial(self, generator=None):
         """nn.Linear's default ranges: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in 1 then H; drawn
         from `generator` so the same seed gives the same start on any machine, in any process."""
@@ -263,6 +311,17 @@ class MLP(Model):
         H = self.hidden
         bounds = torch.cat([torch.ones(2 * H), torch.full((H + 1,), 1.0 / math.sqrt(H))])
         return (torch.rand(3 * H + 1, generator=generator) * 2.0 - 1.0) * bounds
+
+
+def _design_forward(theta, X):
+    """X @ theta for models linear in their parameters: one design matrix X (n, P) for theta (P,)
+    or (..., P) -> (..., n), or per-model ones (B, n, P) (leading dimensions broadcasting against
+    theta's) -> (B, n). The first two are the products single-model training has always used."""
+    if theta.ndim == 1:
+        return X @ theta
+    if X.ndim == 2:
+        return theta @ X.T
+    return (X @ theta[..., None])[..., 0]
 
 
 def make_model(spec: str) -> Model:
