@@ -34,20 +34,25 @@ is not finite, is marked diverged and keeps its last finite parameters; the othe
 reads one flag back every STOP_CHECK epochs (are any still training?), never the losses: why and
 when each model stopped is worked out after the loop from the masks each epoch made.
 
-An epoch's tensors are small (B x n x the model's width numbers), so the loop runs on one
-intra-op thread below SINGLE_THREAD_NUMBERS, and torch's setting is restored after it.
+torch's intra-op threads are left as the process has them. An epoch's tensors are small (B x n x
+the model's width numbers), and an operation torch splits between threads then waits for each;
+where another process keeps the other core busy, that wait is a scheduler's time slice (a tanh of
+100 x 9 x 13 numbers measured 6 ms on two threads, 60 us on one). A process that trains on few
+rows on a busy machine may set one thread at its start. Setting one for the call and restoring the
+count after it is not done here: torch.set_num_threads also switches MKL's dynamic threading off
+for the whole process, and after the restore MKL ran even the tiny products of later single-model
+trainings on two threads, 10 to 30 times slower on this 2-core machine.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-import tasks.strategies as strategies
+from tasks import strategies
 from tasks.errors import InvalidInput
 from tasks.models import Model
 from tasks.strategies import FiniteDifferenceStepper, _optimizer_classes
@@ -57,12 +62,6 @@ from tasks.train import BLOW_UP, Stopping
 # there is a device); up to STOP_CHECK - 1 epochs run in vain once the last one has stopped, and
 # the results are trimmed to the epochs that counted
 STOP_CHECK = 8
-
-# Up to this many numbers in an epoch's largest tensor (models x rows x the model's width, x the
-# points of finite differences) the loop runs on one intra-op thread: each operation then takes
-# microseconds, and splitting it costs more than it saves; on a shared machine whose other core is
-# busy a parallel tanh of 100 x 9 x 13 numbers was measured at 6 ms instead of 60 us.
-SINGLE_THREAD_NUMBERS = 1 << 20
 
 # torch.optim optimizers whose update is elementwise: each element's state and step depend on
 # that element's gradient and the step count only, so one (B, P) parameter is B models trained
@@ -341,7 +340,7 @@ def train_batched(model: Model, f, y, weights, *, strategy: str, lr: float, epoc
     if epochs < 1:
         raise InvalidInput(f"epochs must be at least 1; got {epochs}")
     f, y, weights = _checked_data(model, f, y, weights, None, "training")
-    dtype, (B, n) = y.dtype, weights.shape
+    dtype, B = y.dtype, weights.shape[0]
     if initial is None:
         initial = model.initial(torch.Generator().manual_seed(seed))
     theta = _tensor(initial, dtype)
@@ -356,11 +355,7 @@ def train_batched(model: Model, f, y, weights, *, strategy: str, lr: float, epoc
     if has_val:
         f_val, y_val, weights_val = _checked_data(model, f_val, _tensor(y_val).to(dtype), weights_val, B, "validation")
     val_objective = model.batched_objective(f_val, y_val, weights_val / weights_val.sum(dim=1, keepdim=True)) if has_val else None
-    # per-epoch tensors this small gain nothing from intra-op threads, and lose much where a core is busy
-    rows = max(n, weights_val.shape[1] if has_val else 0)
-    numbers = B * rows * model.width * (2 * model.size + 1 if strategy == "finite-difference" else 1)
-    with _threads(1 if numbers <= SINGLE_THREAD_NUMBERS else None):
-        return _train(stepper, val_objective, y, weights, epochs, stopping)
+    return _train(stepper, val_objective, y, weights, epochs, stopping)
 
 
 def _train(stepper: _Stepper, val_objective: WeightedObjective | None, y, weights, epochs: int, stopping: Stopping) -> BatchedResult:
@@ -463,18 +458,3 @@ def _limit(first: torch.Tensor) -> torch.Tensor:
     exact = BLOW_UP * first.double().clamp(1e-12, 1e300)
     limit = exact.to(first.dtype)
     return torch.where(limit.double() > exact, torch.nextafter(limit, torch.tensor(-math.inf, dtype=first.dtype)), limit)
-
-
-@contextlib.contextmanager
-def _threads(count: int | None):
-    """torch's intra-op threads set to `count` for the block (None: left as they are). The setting is
-    the process's: torch work in other threads meanwhile runs on as many."""
-    previous = torch.get_num_threads()
-    if count is None or count == previous:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

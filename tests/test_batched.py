@@ -83,10 +83,8 @@ def test_each_model_trains_as_it_would_alone(strategy, optimizer, spec, kind, st
     lr, epochs = RUNS[spec]
     lr = ADAFACTOR_LR if optimizer == "adafactor" else lr
     f, targets, weights = _batch(kind, model, x, y)
-    threads = torch.get_num_threads()
     result = train_batched(model, f, targets, weights, strategy=strategy, optimizer=optimizer, lr=lr, epochs=epochs)
     B = len(weights)
-    assert torch.get_num_threads() == threads  # restored after the single-threaded loop
     assert result.params.shape == (B, model.size) and result.params.dtype == np.float32
     assert result.train_loss.shape == (B, epochs) and result.val_loss is None
     assert result.stopped_by == ["epochs"] * B and result.epochs_run.tolist() == [epochs] * B and not result.diverged_at.any()
