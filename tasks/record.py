@@ -79,9 +79,12 @@ def _metrics_table(summary: dict) -> list[dict]:
     rows += [{"metric": f"best {spec} (MSE)", "value": loss} for spec, loss in (summary.get("baselines") or {}).items()]
     rows += [{"metric": "epochs", "value": summary["epochs_run"]}]
     rows += [{"metric": "outliers (CSV lines)", "value": ", ".join(str(o["row"]) for o in summary.get("outliers", [])) or "none"}]
-    return rows + [{"metric": f"°C at reading {p['reading']:g}" + (" (extrapolated)" if p.get("extrapolated") else ""),
-                    "value": p["celsius"] if expanded(p) is None else f"{p['celsius']:.4f} ± {expanded(p):.4f} (95 %)"}
-                   for p in summary["predictions"]]
+    for p in summary["predictions"]:
+        rows.append({"metric": f"°C at reading {p['reading']:g}", "value": p["celsius"]})
+        if expanded(p) is not None:
+            rows.append({"metric": f"± U (95 %) at reading {p['reading']:g}" + (" (extrapolated)" if p.get("extrapolated") else ""),
+                         "value": expanded(p)})
+    return rows
 
 
 async def publish_run(summary: dict, settings: dict) -> None:
@@ -124,7 +127,7 @@ def record_run(
         "calibration": train["calibration"],
         **{k: validate.get(k) for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged")},
         **({"baselines": validate["baselines"]} if validate.get("baselines") is not None else {}),
-        "warnings": train.get("warnings", []) + validate.get("warnings", []),
+        "warnings": train.get("warnings", []) + validate.get("warnings", []) + validate.get("data_warnings", []),
         "train_rows": validate["train_rows"],
         "val_rows": validate["val_rows"],
         "epochs_run": train["epochs_run"],
@@ -158,7 +161,9 @@ def record_run(
             name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"], "seconds": run["seconds"]}
             for name, run in stages.items()
         },
-        "results": {k: summary[k] for k in RESULTS if k in summary},
+        "results": {**{k: summary[k] for k in RESULTS if k in summary},
+                    # what decides whether `predict` may trust the model: not the data's outliers or the readings asked
+                    "model_warnings": train.get("warnings", []) + validate.get("warnings", [])},
     }
     s.write_manifest(run_id, manifest)
     return summary

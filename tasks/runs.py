@@ -16,8 +16,10 @@ def verdict(results: dict) -> str | None:
     converged = results.get("converged")
     if converged is False:
         return f"not converged (relative gap {results['gap_to_optimum']:.2e} to the least-squares optimum)"
-    if converged is None and results.get("warnings"):
-        return results["warnings"][0]
+    # runs recorded before outliers and extrapolation were warned about hold only `warnings`
+    warnings = results.get("model_warnings", results.get("warnings"))
+    if converged is None and warnings:
+        return warnings[0]
     return None
 
 

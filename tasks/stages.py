@@ -357,13 +357,14 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
         "residual": float(checks["residual"][i]), "studentized": float(checks["studentized"][i]), "index": int(train_idx[i]),
     } for i in checks["outliers"]), key=lambda o: o["row"])
     metrics["outlier_limit"] = checks["limit"]
+    metrics["data_warnings"] = []
     if metrics["outliers"]:
         named = ", ".join(f"line {o['row']} (reading {o['reading']:g}, {o['celsius']:g} °C: residual {o['residual']:+.3g} °C, "
                           f"studentized {o['studentized']:+.2f})" for o in metrics["outliers"])
-        metrics["warnings"].append(
+        metrics["data_warnings"].append(
             f"{len(metrics['outliers'])} outlier(s) among the training rows, beyond the Bonferroni-corrected 5 % limit "
             f"|t| > {checks['limit']:.2f}: {named}; they were kept (--drop-outliers refits without them)")
-    for warning in metrics["warnings"]:
+    for warning in metrics["warnings"] + metrics["data_warnings"]:
         get_run_logger().warning(warning)
     # per training row, in the split's order: its position in the ingested table (which holds its
     # reading and °C), residual and studentized residual; 9 bytes a row on 10 million rows

@@ -54,5 +54,8 @@ def test_a_moderately_large_file_through_the_flow(capsys, tmp_path):
     sizes = {name: Path(stage["path"]).stat().st_size for name, stage in result["stages"].items()}
     table_bytes = 300_000 * 2 * 8
     assert sizes["ingest"] < 1.2 * table_bytes  # the table once, not copies of copies
-    assert sizes["normalize"] < 0.7 * table_bytes and sizes["split"] < 0.7 * table_bytes and sizes["infer"] < 0.7 * table_bytes
-    assert sizes["train"] < 1_000_000 and sizes["validate"] < 100_000
+    assert sizes["normalize"] < 0.7 * table_bytes and sizes["split"] < 0.7 * table_bytes
+    # per reading, float32 fitted, residual, u_fit and interval bounds, a subset code and a flag: 22 bytes to the table's 16
+    assert sizes["infer"] < 1.5 * table_bytes
+    # per training row its index, residual and studentized residual: 12 bytes
+    assert sizes["train"] < 1_000_000 and sizes["validate"] < 0.7 * table_bytes

@@ -94,7 +94,7 @@ def test_a_calibration_persists_as_named_arrays_and_predicts_the_same(spec, tmp_
 
     cal = _calibration(spec, "standard")
     record = cal.to_record()
-    assert set(record) == {"spec", "parameters", "buffers", "normalizer", "range"}
+    assert set(record) == {"spec", "parameters", "buffers", "normalizer", "range", "uncertainty"}
     assert all(isinstance(a, np.ndarray) for a in [*record["parameters"].values(), *record["buffers"].values()])
     joblib.dump(record, tmp_path / "model.joblib")
     again = Calibration.from_record(joblib.load(tmp_path / "model.joblib"))
