@@ -24,10 +24,10 @@ from tasks.stages import (
     normalize_readings,
     report_run,
     split_readings,
-    stage_key,
     train_calibration,
     validate_calibration,
 )
+from tasks.staging import stage_key
 from tasks.store import Store, sha256_file
 
 

@@ -116,7 +116,7 @@ def predictions_table(cal: Calibration, raw_x: np.ndarray, y: np.ndarray, val_id
     for start in range(0, n, SLICE_ROWS):
         part = slice(start, min(start + SLICE_ROWS, n))
         fitted = cal.predict(raw_x[part])
-        columns = prediction_columns(cal, raw_x[part], fitted)
+        columns = prediction_columns(cal, raw_x[part], fitted, cross_check=False)  # the table has no bootstrap column
         out["fitted"][part] = fitted
         out["residual"][part] = fitted - y[part]
         out["u_fit"][part], out["interval_low"][part], out["interval_high"][part] = columns["u_fit"], columns["low"], columns["high"]

@@ -16,7 +16,7 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact,
 from prefect.runtime import flow_run
 
 from tasks.report import calibration_formula, calibration_markdown
-from tasks.stages import CODE_MODULES, code_version, threaded_task
+from tasks.staging import CODE_MODULES, code_version, threaded_task
 from tasks.store import Store, atomic_write
 from tasks.uncertainty import expanded
 

@@ -1,163 +1,30 @@
 """The seven pipeline stages as thin Prefect tasks around the plain logic.
 
 Each stage gets the store, its cache key (computed by the flow from its inputs, code and
-settings, see `stage_key`) and its inputs; it loads upstream outputs from the store by their
+settings, see tasks.staging.stage_key) and its inputs; it loads upstream outputs from the store by their
 refs, calls plain functions, writes its own output folder and returns its ref (small JSON).
 Prefect caches that ref under the key, so a repeated stage is reported `Cached`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import hashlib
-import importlib.util
-import sys
 import time
 from pathlib import Path
 
-from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect import get_run_logger
 
-from tasks.store import Store, limit_heap_retention, sha256_json, write_json
+from tasks.progress import TrainingProgress
+from tasks.staging import READABLE_ROWS, csv_file, joblib_file, json_file, stage
+from tasks.store import Store
+
+NAMED_OUTLIERS = 20  # a warning names this many outliers (the first by line) and counts the rest
 
 # numpy, joblib, torch, pandas, pandera and matplotlib are imported inside the stages that use
 # them: a run whose every stage is cached runs no stage body, so it never pays for them
 # (tests/test_fast_commands.py)
 
-# the modules whose source decides each stage's output; editing one invalidates that stage's cache
-CODE_MODULES: dict[str, tuple[str, ...]] = {}
 
-
-@functools.cache
-def _source_sha256(module: str) -> str:
-    """sha256 of a module's source file, read once per process (found without importing it)."""
-    return hashlib.sha256(Path(importlib.util.find_spec(module).origin).read_bytes()).hexdigest()
-
-
-@functools.cache
-def code_version(modules: tuple[str, ...]) -> str:
-    """sha256 over the source files of `modules`."""
-    return sha256_json({name: _source_sha256(name) for name in modules})
-
-
-def stage_key(stage: str, inputs: dict) -> str:
-    """The cache key of a stage: its name, its code, and the inputs that decide its output."""
-    return sha256_json({"stage": stage, "code": code_version(CODE_MODULES[stage]), "inputs": inputs})
-
-
-def _cache_key(context, parameters: dict) -> str:
-    return parameters["key"]
-
-
-def _in_worker(body, *args, **kwargs):
-    limit_heap_retention()
-    return body(*args, **kwargs)
-
-
-def threaded_task(**options):
-    """A Prefect task whose body, plain blocking code (torch, pandas, files), runs in a worker
-    thread with the task's context.
-
-    The task itself is async, so the async flows await it on their event loop: a cached stage then
-    costs one API round trip, and the flow does not wait a second at its end for a heartbeat thread
-    as a sync flow does (../shared/FACTS.md). The body runs where no event loop runs, but its run
-    context names an async task, so Prefect functions that pick sync or async by context (the
-    artifact functions) must be called with `_sync=True` there; the run logger needs nothing.
-    """
-
-    def decorate(body):
-        @functools.wraps(body)  # Prefect reads the parameters through __wrapped__
-        async def in_a_thread(*args, **kwargs):
-            return await asyncio.to_thread(_in_worker, body, *args, **kwargs)
-
-        return task(**options)(in_a_thread)
-
-    return decorate
-
-
-def _stage(name: str, modules: tuple[str, ...]):
-    CODE_MODULES[name] = ("tasks.stages", "tasks.store", *modules)
-    return threaded_task(name=name, task_run_name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
-
-
-PROGRESS_KEY = "thermocal-training-progress"
-# Tables up to this many rows also get a CSV (or JSON) copy for people; larger ones only the
-# joblib file, since writing 10 million rows as text takes longer than the whole pipeline.
-READABLE_ROWS = 100_000
-
-
-class TrainingProgress:
-    """Training's log lines and a Prefect progress artifact, sent from a thread of their own.
-
-    A log line costs a few ms to render and queue, an artifact update about 17 ms against a local
-    server (far more on a loaded one): the loop only hands them to a Reporter. The artifact appears
-    only once training has run for `every` seconds and then advances at most once per `every`
-    seconds; a training shorter than that never needs one.
-    """
-
-    def __init__(self, epochs: int, every: float = 1.0, log=None):
-        self.epochs, self.every, self._log = epochs, every, log
-        self.artifact_id = None
-        self.next_update = time.monotonic() + every
-        from tasks.train import Reporter
-
-        self.reporter = Reporter()
-
-    def log(self, line: str) -> None:
-        self.reporter.call(self._log, line)
-
-    def __call__(self, epoch: int) -> None:
-        now = time.monotonic()
-        if now < self.next_update:
-            return
-        self.reporter.call(self._publish, 100.0 * epoch / self.epochs)
-        self.next_update = now + self.every
-
-    def _publish(self, percent: float) -> None:
-        if self.artifact_id is None:
-            self.artifact_id = create_progress_artifact(percent, key=PROGRESS_KEY, description="training epochs done (%)", _sync=True)
-        else:
-            update_progress_artifact(self.artifact_id, percent, _sync=True)
-
-    def close(self) -> None:
-        """Wait until every line and update handed over is sent."""
-        self.reporter.close()
-
-    def finish(self) -> None:
-        self.close()
-        if self.artifact_id is not None:
-            self._publish(100.0)
-
-
-def _canonical(value):
-    """The same data with every string interned: pickle memoizes by object identity, so equal
-    strings that are one object here and two there (parameters unpickled on a Dask worker) would
-    otherwise give different bytes, and a different content hash, for the same content."""
-    if isinstance(value, str):
-        return sys.intern(value)
-    if isinstance(value, dict):
-        return {_canonical(k): _canonical(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_canonical(v) for v in value)
-    return value
-
-
-def _joblib(value):
-    import joblib
-
-    return lambda path: joblib.dump(_canonical(value), path)
-
-
-def _csv(frame):
-    return lambda path: frame.to_csv(path, index=False)
-
-
-def _json(value):
-    return lambda path: write_json(path, value)
-
-
-@_stage("ingest", ("tasks.ingest", "tasks.errors"))
+@stage("ingest", ("tasks.stages", "tasks.ingest", "tasks.errors"))
 def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str,
                     sep: str = ",", decimal: str = ".") -> dict:
     """Read the CSV (fields separated by `sep`, numbers with the `decimal` mark) and validate it against the readings schema."""
@@ -165,13 +32,13 @@ def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str,
 
     table = load_readings(Path(data), reading_column, celsius_column, min_rows, sep, decimal)
     get_run_logger().info("ingested %d valid readings from %s", len(table), data)
-    files = {"ingest.joblib": _joblib(table)}
+    files = {"ingest.joblib": joblib_file(table)}
     if len(table) <= READABLE_ROWS:
-        files["readings.csv"] = _csv(table)
+        files["readings.csv"] = csv_file(table)
     return Store(store).write_stage("ingest", key, files, {"rows": len(table), "data_sha256": data_sha256})
 
 
-@_stage("normalize", ("tasks.normalize", "tasks.errors"))
+@stage("normalize", ("tasks.stages", "tasks.normalize", "tasks.errors"))
 def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: float | None) -> dict:
     """Fit the normalization on the readings and apply it."""
     from tasks.ingest import READING
@@ -181,11 +48,11 @@ def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: f
     readings = s.load(ingest)[READING].to_numpy()
     normalizer = fit_normalizer(readings, method, scale if scale is not None else 0.1)
     output = {"normalizer": normalizer.to_dict(), "x": normalizer.apply(readings)}
-    files = {"normalize.joblib": _joblib(output), "normalize.json": _json(normalizer.to_dict())}
+    files = {"normalize.joblib": joblib_file(output), "normalize.json": json_file(normalizer.to_dict())}
     return s.write_stage("normalize", key, files, normalizer.to_dict())
 
 
-@_stage("split", ("tasks.split",))
+@stage("split", ("tasks.stages", "tasks.split",))
 def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed: int) -> dict:
     """Seeded train/validation indices."""
     import numpy as np
@@ -196,9 +63,9 @@ def split_readings(store: str, key: str, ingest: dict, val_fraction: float, seed
     train_idx, val_idx = split_indices(rows, val_fraction, seed)
     index = np.int32 if rows < 2**31 else np.int64  # half the size of torch's int64 indices
     output = {"train": train_idx.astype(index), "validation": val_idx.astype(index), "val_fraction": val_fraction, "seed": seed}
-    files = {"split.joblib": _joblib(output)}
+    files = {"split.joblib": joblib_file(output)}
     if rows <= READABLE_ROWS:
-        files["split.json"] = _json({**output, "train": train_idx.tolist(), "validation": val_idx.tolist()})
+        files["split.json"] = json_file({**output, "train": train_idx.tolist(), "validation": val_idx.tolist()})
     return Store(store).write_stage("split", key, files, {"train_rows": len(train_idx), "val_rows": len(val_idx)})
 
 
@@ -211,12 +78,6 @@ def _rows(store: Store, ingest: dict, split: dict, table=None):
     return table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
 
 
-def _calibration(store: Store, train: dict):
-    from tasks.calibration import Calibration
-
-    return Calibration.from_record(store.load(train)["model"])
-
-
 def model_summary(calibration) -> dict:
     """The trained model as JSON: its spec and named parameters (nested lists, on normalized
     readings); the line keeps the seed's w and b beside them."""
@@ -225,8 +86,8 @@ def model_summary(calibration) -> dict:
     return {**parameters, **out} if calibration.model.kind == "linear" else out
 
 
-@_stage("train", ("tasks.train", "tasks.strategies", "tasks.objectives", "tasks.model", "tasks.models", "tasks.calibration",
-                  "tasks.normalize", "tasks.errors", "tasks.stability", "tasks.uncertainty", "tasks.batched"))
+@stage("train", ("tasks.stages", "tasks.train", "tasks.strategies", "tasks.objectives", "tasks.model", "tasks.models", "tasks.calibration",
+                  "tasks.normalize", "tasks.errors", "tasks.stability", "tasks.uncertainty", "tasks.batched", "tasks.progress"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict, model: str,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,
@@ -315,13 +176,13 @@ def train_calibration(
     history = pd.DataFrame({"epoch": np.arange(1, result.epochs_run + 1), "train_loss": result.train_loss})
     if result.val_loss is not None:
         history["val_loss"] = result.val_loss
-    files = {"train.joblib": _joblib(output), "loss_history.csv": _csv(history)}
+    files = {"train.joblib": joblib_file(output), "loss_history.csv": csv_file(history)}
     summary = {"model": model_summary(calibration), "calibration": output["calibration"], "epochs_run": result.epochs_run,
                "stopped_by": result.stopped_by, "train_seconds": seconds, "warnings": warnings}
     return s.write_stage("train", key, files, summary)
 
 
-@_stage("validate", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.stability",
+@stage("validate", ("tasks.stages", "tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.stability",
                      "tasks.uncertainty", "tasks.ingest"))
 def validate_calibration(store: str, key: str, ingest: dict, split: dict, train: dict, data: str | None = None) -> dict:
     """Final losses with gradients off, the gap to the least-squares optimum (or, for the network,
@@ -332,6 +193,7 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
 
     from tasks.calibration import Calibration
     from tasks.evaluate import fit_quality, prediction_losses, warnings_for  # the two halves of evaluate_model
+    from tasks.ingest import lines_of_rows
     from tasks.stability import slow_advice
     from tasks.uncertainty import residual_checks
 
@@ -351,7 +213,7 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
     metrics["warnings"] = warnings_for(metrics, calibration.model.spec, hint)
     checks = residual_checks(calibration, x_train, y_train)
     readable = len(train_idx) <= READABLE_ROWS  # a residual table for people too: every row's line
-    lines = _file_lines(data, train_idx if readable else train_idx[checks["outliers"]]) if data else {}
+    lines = lines_of_rows(data, train_idx if readable else train_idx[checks["outliers"]]) if data else {}
     metrics["outliers"] = sorted(({
         "row": lines.get(int(train_idx[i]), int(train_idx[i]) + 2), "reading": float(x_train[i]), "celsius": float(y_train[i]),
         "residual": float(checks["residual"][i]), "studentized": float(checks["studentized"][i]), "index": int(train_idx[i]),
@@ -359,8 +221,11 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
     metrics["outlier_limit"] = checks["limit"]
     metrics["data_warnings"] = []
     if metrics["outliers"]:
+        shown = metrics["outliers"][:NAMED_OUTLIERS]
         named = ", ".join(f"line {o['row']} (reading {o['reading']:g}, {o['celsius']:g} °C: residual {o['residual']:+.3g} °C, "
-                          f"studentized {o['studentized']:+.2f})" for o in metrics["outliers"])
+                          f"studentized {o['studentized']:+.2f})" for o in shown)
+        if len(metrics["outliers"]) > len(shown):
+            named += f" and {len(metrics['outliers']) - len(shown)} more (all in metrics.json)"
         metrics["data_warnings"].append(
             f"{len(metrics['outliers'])} outlier(s) among the training rows, beyond the Bonferroni-corrected 5 % limit "
             f"|t| > {checks['limit']:.2f}: {named}; they were kept (--drop-outliers refits without them)")
@@ -370,52 +235,39 @@ def validate_calibration(store: str, key: str, ingest: dict, split: dict, train:
     # reading and °C), residual and studentized residual; 9 bytes a row on 10 million rows
     residuals = pd.DataFrame({"index": train_idx, "residual": checks["residual"].astype(np.float32),
                               "studentized": checks["studentized"]})
-    files = {"validate.joblib": _joblib({**metrics, "residuals": residuals}), "metrics.json": _json(metrics)}
+    files = {"validate.joblib": joblib_file({**metrics, "residuals": residuals}), "metrics.json": json_file(metrics)}
     if readable:  # for people: in file order, with the line, reading and °C
         table = residuals.assign(row=[lines.get(int(i), int(i) + 2) for i in train_idx], reading=x_train, celsius=y_train)
-        files["residuals.csv"] = _csv(table.sort_values("row")[["row", "reading", "celsius", "residual", "studentized"]])
+        files["residuals.csv"] = csv_file(table.sort_values("row")[["row", "reading", "celsius", "residual", "studentized"]])
     return s.write_stage("validate", key, files, metrics)
 
 
-def _file_lines(data: str, rows) -> dict[int, int]:
-    """The CSV line of each table row asked (the header is line 1; pandas skips blank lines)."""
-    from tasks.ingest import file_lines
-
-    rows = {int(r) for r in rows}
-    if not rows:
-        return {}
-    try:
-        return file_lines(Path(data), rows)
-    except OSError:  # the file moved since it was ingested: row + 2, right unless it holds blank lines
-        return {}
-
-
-@_stage("infer", ("tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.uncertainty"))
+@stage("infer", ("tasks.stages", "tasks.evaluate", "tasks.calibration", "tasks.model", "tasks.models", "tasks.normalize", "tasks.uncertainty"))
 def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, readings: list[float]) -> dict:
     """°C for every reading of the dataset and for the new readings asked, each with its
     uncertainty: u_fit, the 95 % interval for a new observation, and whether it is extrapolated."""
     import pandas as pd
 
+    from tasks.calibration import Calibration
     from tasks.evaluate import predictions_table
 
     s = Store(store)
-    table = s.load(ingest)
-    trained = s.load(train)
+    table, trained = s.load(ingest), s.load(train)
     raw, celsius, _, val_idx = _rows(s, ingest, split, table)
-    calibration = _calibration(s, train)
+    calibration = Calibration.from_record(trained["model"])
     dataset = predictions_table(calibration, raw, celsius, val_idx, trained.get("excluded"))
     records = calibration.predictions(readings)
     new = pd.DataFrame([{**{k: v for k, v in r.items() if k != "interval"},
                          "interval_low": r["interval"][0] if r["interval"] else None,
                          "interval_high": r["interval"][1] if r["interval"] else None} for r in records],
                        columns=["reading", "celsius", "u_fit", "interval_low", "interval_high", "extrapolated"])
-    files = {"infer.joblib": _joblib({"dataset": dataset, "new": new, "records": records}), "new_predictions.csv": _csv(new)}
+    files = {"infer.joblib": joblib_file({"dataset": dataset, "new": new, "records": records}), "new_predictions.csv": csv_file(new)}
     if len(dataset) <= READABLE_ROWS:
-        files["predictions.csv"] = _csv(pd.concat([table, dataset], axis=1))
+        files["predictions.csv"] = csv_file(pd.concat([table, dataset], axis=1))
     return s.write_stage("infer", key, files, {"new": records})
 
 
-@_stage("report", ("tasks.report", "tasks.certificate", "tasks.calibration", "tasks.models", "tasks.uncertainty"))
+@stage("report", ("tasks.stages", "tasks.report", "tasks.certificate", "tasks.calibration", "tasks.models", "tasks.uncertainty"))
 def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, infer: dict, settings: dict,
                identity: dict | None = None) -> dict:
     """The seed's plot with the residuals, a markdown summary with the uncertainty tables, and the
@@ -452,7 +304,7 @@ def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, 
     identity = {"run_id": "-", "version": "-", "issued": "-", "data_name": "-", "code": "-",
                 **(identity or {}), "data_sha256": ingest["summary"]["data_sha256"]}
     files = {
-        "report.joblib": _joblib(summary),
+        "report.joblib": joblib_file(summary),
         "report.png": lambda path: plot_calibration(path, points, calibration.predict, calibration.range,
                                                     history["train_loss"], history["val_loss"], labels, residuals),
         "report.md": lambda path: path.write_text(calibration_markdown(summary, settings, "report.png")),

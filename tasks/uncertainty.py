@@ -212,10 +212,11 @@ def residual_checks(calibration: Calibration, raw: np.ndarray, y: np.ndarray) ->
     return {"residual": residual, "studentized": t, "limit": limit, "outliers": outliers}
 
 
-def prediction_columns(calibration: Calibration, readings: np.ndarray, celsius: np.ndarray, dtype=np.float64) -> dict:
+def prediction_columns(calibration: Calibration, readings: np.ndarray, celsius: np.ndarray, dtype=np.float64,
+                       cross_check: bool = True) -> dict:
     """u_fit, the 95 % interval for a new observation and the extrapolation flag at raw `readings`
     whose calibrated values are `celsius` (NaN where the calibration carries no uncertainty); with
-    a bootstrap beside the formula (a cross-check), also u_fit_bootstrap. Computed in slices into
+    a bootstrap beside the formula (a cross-check) and `cross_check`, also u_fit_bootstrap. Computed in slices into
     arrays of `dtype`, so 10 million rows need no n-row float64 temporaries."""
     readings = np.asarray(readings, dtype=np.float64).reshape(-1)
     uncertainty = calibration.uncertainty or {}
@@ -223,7 +224,7 @@ def prediction_columns(calibration: Calibration, readings: np.ndarray, celsius: 
     bootstrap = (uncertainty.get("bootstrap") or {}).get("thetas")
     analytic = uncertainty.get("covariance_theta") is not None
     s, t = uncertainty.get("residual_sd"), uncertainty.get("t95")
-    names = ["u_fit", "low", "high"] + (["u_fit_bootstrap"] if analytic and bootstrap is not None else [])
+    names = ["u_fit", "low", "high"] + (["u_fit_bootstrap"] if cross_check and analytic and bootstrap is not None else [])
     out = {name: np.full(n, np.nan, dtype=dtype) for name in names}
     if analytic or bootstrap is not None:
         for part in _slices(n):
