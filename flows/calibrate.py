@@ -196,6 +196,10 @@ async def calibrate(
     tagging = asyncio.create_task(_tag_flow_run(run_tags(settings)))  # while the stages run
     try:
         with s.tidy_on_failure(), tags(*run_tags(settings)):
+            if settings.sensor_column is not None:  # a fleet: one calibration per sensor (flows.fleet)
+                from flows.fleet import fleet_run
+
+                return await fleet_run(s, data_path, settings, predict)
             data_sha256 = data_file_sha256(data_path)
             ingest = await _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
             normalize = await _run_stage(normalize_readings, s, normalize_inputs(settings, ingest))
@@ -222,6 +226,9 @@ async def calibrate(
                                        quote(effective), quote(predict), quote(runs), quote(dropped), quote(run_id),
                                        wait_for=[done(report.state)])
             await publish_run(summary, used)
+            from flows.fleet import announce_drift
+
+            await announce_drift(summary, str(data_path), settings.drift_threshold)
             return summary
     finally:
         await tagging  # a failed run is tagged too

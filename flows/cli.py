@@ -1,4 +1,4 @@
-"""The command line: `thermocal run | sweep | serve | server | synth | predict | runs` (also `python -m flows`).
+"""The command line: `thermocal run | sweep | serve | server | synth | predict | runs | sensors` (also `python -m flows`).
 
 Exit codes: 0 success; 2 a user's mistake (bad data file, bad option, unknown run);
 3 training diverged; 1 anything else (an internal fault).
@@ -53,6 +53,15 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predict", type=float, nargs="+", default=[], metavar="READING", help="new readings to convert to °C")
 
 
+def _add_runner_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """Where tasks run: threads (default), one at a time, a local Dask cluster or an existing one."""
+    runner = parser.add_mutually_exclusive_group()
+    runner.add_argument("--sequential", action="store_true", help=f"{what} one at a time")
+    runner.add_argument("--dask", action="store_true", help=f"run {what} on a local Dask cluster (prefect-dask)")
+    runner.add_argument("--dask-address", metavar="tcp://HOST:PORT", help=f"run {what} on an existing Dask cluster")
+    parser.add_argument("--workers", type=int, help="threads, or Dask workers with --dask (default: 2 Dask workers, or up to 4 threads)")
+
+
 def _version() -> str:
     from importlib.metadata import version
 
@@ -81,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_runner_options(run, "a fleet's partitions")
 
     serve = commands.add_parser("serve", help="serve the pipeline as a scheduled deployment (on PREFECT_API_URL's server, or thermocal's local one)")
     when = serve.add_mutually_exclusive_group(required=True)
@@ -94,11 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lrs", default="0.01", help="comma-separated learning rates, e.g. 1e-2,1e-3 (default: %(default)s)")
     sweep.add_argument("--normalizations", default="standard", help="comma-separated, e.g. scale,standard (default: %(default)s)")
     sweep.add_argument("--models", help="comma-separated model specs, e.g. linear,poly:2,poly:3,mlp:13 (default: --model)")
-    runner = sweep.add_mutually_exclusive_group()
-    runner.add_argument("--sequential", action="store_true", help="one training at a time")
-    runner.add_argument("--dask", action="store_true", help="run trainings on a local Dask cluster (prefect-dask)")
-    runner.add_argument("--dask-address", metavar="tcp://HOST:PORT", help="run trainings on an existing Dask cluster")
-    sweep.add_argument("--workers", type=int, help="threads, or Dask workers with --dask (default: 2 Dask workers, or one thread per training up to 4)")
+    _add_runner_options(sweep, "trainings")
     _add_run_options(sweep)
     sweep.add_argument("--json", action="store_true", help="print the comparison rows as JSON")
 
@@ -120,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("readings", type=float, nargs="+", metavar="READING", help="instrument readings, in the units of the data's reading column")
     predict.add_argument("--run", dest="run_id", help="run id, even one whose model did not converge (default: the latest run whose model did)")
     predict.add_argument("--data", help="only runs trained on this data file")
+    predict.add_argument("--sensor", metavar="ID", help="a fleet's sensor: its calibration in the latest fleet run (or --run)")
     _add_store(predict)
     predict.add_argument("--json", action="store_true", help="print one JSON object: run_id, model, data, predictions (and warning)")
 
@@ -128,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="CSV file to write")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     synth.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+    sensors = commands.add_parser("sensors", help="a fleet run's per-sensor results: counts, the worst sensors, failures")
+    sensors.add_argument("--run", dest="run_id", help="run id (default: the latest fleet run)")
+    sensors.add_argument("--data", help="only fleet runs of this data file")
+    _add_store(sensors)
+    sensors.add_argument("--json", action="store_true", help="print every sensor as a JSON list (the sensors table's fields)")
 
     runs = commands.add_parser("runs", help="list the persisted runs")
     runs.add_argument("--data", help="only runs trained on this data file")
@@ -167,6 +180,9 @@ def _print_run(summary: dict) -> None:
         print(f"dropped outlier: line {outlier['row']} (reading {outlier['reading']:g}, {outlier['celsius']:g} °C, "
               f"studentized residual {outlier['studentized']:+.2f}); the calibration above is refitted without it")
     results.print_predictions(summary["predictions"])
+    for d in summary.get("drift", []):
+        print(f"drift: the calibration moved up to {d['max_delta_celsius']:.4g} °C (at reading {d['at_reading']:.6g}) "
+              f"since run {summary['drift_baseline']}")
     print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
     for name, stage in summary["stages"].items():
         print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
@@ -193,8 +209,13 @@ def _check_data_file(path: str, settings: CalibrationSettings) -> None:
         open(path, "rb").close()
     except UNREADABLE as error:
         raise unreadable(path, error) from None
-    if {settings.reading_column, settings.celsius_column} <= set(_header(path, settings.sep)):
+    needed = {settings.reading_column, settings.celsius_column} | ({settings.sensor_column} - {None})
+    found = _header(path, settings.sep)
+    if needed <= set(found):
         return
+    if settings.sensor_column is not None and found and settings.sensor_column not in found:
+        raise InvalidInput(f"{path}: no sensor column {settings.sensor_column!r} (--sensor-column); the columns are "
+                           + ", ".join(repr(c) for c in found))
     from tasks.ingest import check_header
 
     check_header(Path(path), settings.reading_column, settings.celsius_column, settings.sep, settings.decimal)
@@ -208,9 +229,14 @@ def _run(args: argparse.Namespace) -> int:
 
         from flows.calibrate import calibrate
 
-        summary = asyncio.run(calibrate(data=args.data, store=args.store, settings=settings, predict=args.predict))
+        flow = calibrate
+        if settings.sensor_column is not None or args.dask or args.dask_address or args.sequential or args.workers:
+            flow = calibrate.with_options(task_runner=_task_runner(args, 4))
+        summary = asyncio.run(flow(data=args.data, store=args.store, settings=settings, predict=args.predict))
     if args.json:
         print(json.dumps(summary, indent=2))
+    elif "fleet" in summary:
+        results.print_fleet(summary)
     else:
         _print_run(summary)
     return 0
@@ -239,6 +265,8 @@ def _split_list(text: str, name: str) -> list[str]:
 def _task_runner(args: argparse.Namespace, trainings: int):
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    if args.workers is not None and args.workers < 1:
+        raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
     if args.dask_address:
         from prefect_dask import DaskTaskRunner
 
@@ -272,8 +300,6 @@ def _sweep(args: argparse.Namespace) -> int:
     except ValidationError as error:
         raise InvalidInput(describe_validation_error(error)) from None
     models = list(dict.fromkeys(config.model for config in grid))  # canonical specs, in the order given
-    if args.workers is not None and args.workers < 1:
-        raise InvalidInput(f"--workers must be at least 1 (got {args.workers})")
     with prefect_session():
         import asyncio
 
@@ -350,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidInput as error:
         return _fail(error, "--json" in argv)
     command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth,
-               "predict": results.predict, "runs": results.runs}[args.command]
+               "predict": results.predict, "runs": results.runs, "sensors": results.sensors}[args.command]
     try:
         return command(args)
     except ThermocalError as error:

@@ -53,9 +53,13 @@ def predict(args: argparse.Namespace) -> int:
     from tasks.store import Store
 
     store = Store(args.store)
-    manifest, warnings = choose_run(store, args.run_id, args.data)
-    trained = store.load({"stage": "train", **manifest["stages"]["train"]})
-    calibration = Calibration.from_record(trained["model"])
+    manifest, warnings = choose_run(store, args.run_id, args.data, fleet=args.sensor is not None)
+    if args.sensor is not None:
+        record = sensor_calibration(store, manifest, args.sensor)
+        trained = {"calibration": Calibration.from_record(record).summary()}
+    else:
+        trained = store.load({"stage": "train", **manifest["stages"]["train"]})
+    calibration = Calibration.from_record(record if args.sensor is not None else trained["model"])
     # float64, from the persisted parameters and uncertainty, without torch (or scipy)
     rows = calibration.predictions(args.readings, engine="numpy")
     low, high = calibration.range
@@ -65,18 +69,42 @@ def predict(args: argparse.Namespace) -> int:
     for warning in warnings:
         print(f"thermocal: warning: {warning}", file=sys.stderr)
     if args.json:
-        answer = {"run_id": manifest["run_id"], "model": calibration.model.spec, "data": manifest["data"]["path"], "predictions": rows}
+        answer = {"run_id": manifest["run_id"], "model": calibration.model.spec, "data": manifest["data"]["path"],
+                  **({"sensor": args.sensor} if args.sensor is not None else {}), "predictions": rows}
         print(json.dumps({**answer, **({"warning": "; ".join(warnings), "warnings": warnings} if warnings else {})}))
         return 0
-    print(f"run {manifest['run_id']} ({calibration.model.spec}) of {manifest['data']['path']}")
+    sensor = f", sensor {args.sensor}" if args.sensor is not None else ""
+    print(f"run {manifest['run_id']} ({calibration.model.spec}{sensor}) of {manifest['data']['path']}")
     print_calibration(trained["calibration"])
     print_predictions(rows)
     return 0
 
 
+def _calibration_cell(row: dict) -> str:
+    from tasks.report import calibration_formula
+
+    if row.get("sensors") is not None:
+        return f"(fleet: {row['sensors']} sensors, median losses)"
+    return calibration_formula(row["calibration"], "r") or "(network)"
+
+
+def sensor_calibration(store, manifest: dict, sensor: str) -> dict:
+    """One sensor's calibration record from a fleet run; StoreError naming the run when it has none."""
+    from tasks.errors import StoreError
+    from tasks.fleet_record import calibrations_of
+
+    calibrations = calibrations_of(store, manifest)
+    if sensor in calibrations:
+        return calibrations[sensor]
+    failed = {f["sensor"]: f["reason"] for f in manifest["results"].get("sensors_failed", [])}
+    if sensor in failed:
+        raise StoreError(f"sensor {sensor!r} could not be calibrated in run {manifest['run_id']}: {failed[sensor]}")
+    raise StoreError(f"no sensor {sensor!r} in run {manifest['run_id']} ({len(calibrations)} sensors calibrated; "
+                     "`thermocal sensors` lists them)")
+
+
 def runs(args: argparse.Namespace) -> int:
     """Every run: its data file, model, settings, convergence and losses."""
-    from tasks.report import calibration_formula
     from tasks.runs import list_runs
     from tasks.store import Store
 
@@ -99,10 +127,89 @@ def runs(args: argparse.Namespace) -> int:
             converged = "n/a" if row["usable"] else "warning"
         else:
             converged = f"{'yes' if row['converged'] else 'NO'} ({max(row['gap_to_optimum'], 0.0):.1e})"
+        loss = "-" if row["train_loss"] is None else f"{row['train_loss']:.6f}"
         print(f"{row['run_id']:<24} {data:<30} {row['model']:<8} {strategy:<17} {row['normalize']:<9} {row['lr']:>7g} "
-              f"{row['train_rows'] if row['train_rows'] is not None else '-':>5} {row['epochs']:>6} {row['train_loss']:>11.6f} "
-              f"{val:>10} {converged:<17} {calibration_formula(row['calibration'], 'r') or '(network)'}")
+              f"{row['train_rows'] if row['train_rows'] is not None else '-':>5} {row['epochs']:>6} {loss:>11} "
+              f"{val:>10} {converged:<17} {_calibration_cell(row)}")
     folders = sorted({row["data"] for row in rows})
     if len(folders) > 1:
         print("data files: " + "; ".join(folders) + "  (--data PATH shows one)")
     return 0
+
+
+def _plain(value):
+    """A table cell as JSON takes it: numpy scalars and arrays as Python numbers and lists, NaN as null."""
+    import math
+
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def sensors(args: argparse.Namespace) -> int:
+    """A fleet run's per-sensor results: counts and the worst sensors, or every sensor as JSON."""
+    from tasks.fleet_report import worst_sensors
+    from tasks.fleet_stages import TABLE_FIELDS
+    from tasks.runs import choose_run
+    from tasks.store import Store
+
+    store = Store(args.store)
+    manifest, warnings = choose_run(store, args.run_id, args.data, fleet=True)
+    report = {"stage": "fleet-report", **manifest["stages"]["report"]}
+    table = store.load(report)
+    rows = [{field: _plain(row[field]) for field in (*TABLE_FIELDS, "residual_sd")} for row in table.to_dict(orient="records")]
+    for warning in warnings:
+        print(f"thermocal: warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    fleet, failed = manifest["results"]["fleet"], manifest["results"].get("sensors_failed", [])
+    print(f"run {manifest['run_id']} ({rows[0]['model'] if rows else '-'}) of {manifest['data']['path']}: {fleet['sensors']} sensors, "
+          f"{fleet['calibrated']} calibrated, {fleet['failed']} failed")
+    print(f"table: {store.path(report['files']['sensors.csv'])}")
+    print_worst(worst_sensors(rows))
+    for failure in failed[:10]:
+        print(f"  failed {failure['sensor']}: {failure['reason']}")
+    if len(failed) > 10:
+        print(f"  ... and {len(failed) - 10} more failed (--json lists every sensor)")
+    return 0
+
+
+def print_worst(rows: list[dict]) -> None:
+    """The worst sensors by residual standard deviation, one line each."""
+    if not rows:
+        return
+    print(f"{len(rows)} worst sensors by residual standard deviation:")
+    print(f"  {'sensor':<16} {'s (°C)':>9} {'val loss':>10} {'gap':>9}  coefficients")
+    for row in rows:
+        val = "-" if row.get("val_loss") is None else f"{row['val_loss']:.4g}"
+        gap = "-" if row.get("gap_to_optimum") is None else f"{row['gap_to_optimum']:.1e}"
+        coefficients = "-" if row.get("coefficients") is None else ", ".join(f"{c:.6g}" for c in row["coefficients"])
+        print(f"  {row['sensor']:<16} {row['residual_sd']:>9.4g} {val:>10} {gap:>9}  {coefficients}")
+
+
+def print_fleet(summary: dict) -> None:
+    """A fleet run as a person reads it: counts, partitions, failures, drift, the worst sensors, where things are."""
+    fleet, parts = summary["fleet"], summary["fleet"]["partitions"]
+    print(f"fleet of {fleet['sensors']} sensors ({summary['model']['spec']}): {fleet['calibrated']} calibrated, {fleet['failed']} failed")
+    print(f"partitions: {parts['total']} ({parts['computed']} computed, {parts['cached']} cached)")
+    for failure in summary["sensors_failed"][:10]:
+        print(f"  failed {failure['sensor']}: {failure['reason']}")
+    if len(summary["sensors_failed"]) > 10:
+        print(f"  ... and {len(summary['sensors_failed']) - 10} more (sensors_failed in --json, or `thermocal sensors`)")
+    if summary["drift_baseline"] is None:
+        print("drift: no earlier run of this data file to compare with")
+    else:
+        print(f"drift since run {summary['drift_baseline']}: {len(summary['drift'])} sensor(s) moved more than the threshold")
+        for d in summary["drift"][:10]:
+            print(f"  {d['sensor']}: {d['max_delta_celsius']:.4g} °C at reading {d['at_reading']:.6g}")
+    print_worst(summary["worst_sensors"])
+    print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
+    for name, stage in summary["stages"].items():
+        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
+    print(f"sensors table: {summary['sensors_table']}")
+    print(f"plot: {summary['report']}")

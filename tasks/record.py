@@ -36,9 +36,23 @@ def extrapolation_warnings(predictions: list[dict], calibrated_range) -> list[st
 
 def run_identity(run_id: str, data: Path) -> dict:
     """What the certificate names: the run, thermocal's version, the date, the data file and the code."""
-    code = f"{_code_revision() or 'unknown revision'}, sources sha256 {code_version(tuple(sorted(ALL_MODULES)))[:16]}"
+    code = f"{_code_revision() or 'unknown revision'}, sources sha256 {sources_sha256()[:16]}"
     return {"run_id": run_id, "version": version("thermocal"), "issued": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "data_name": Path(data).name, "code": code}
+
+
+def sources_sha256() -> str:
+    """sha256 over the source of every stage's modules (the stages register them as they are imported)."""
+    import tasks.fleet_stages  # noqa: F401 - every stage module registered, whichever flow imported this
+    import tasks.stages  # noqa: F401
+
+    return code_version(tuple(sorted({m for mods in CODE_MODULES.values() for m in mods})))
+
+
+def manifest_identity() -> dict:
+    """The code and libraries a run used, as its manifest records them."""
+    return {"code": {"revision": _code_revision(), "sha256": sources_sha256()},
+            "libraries": {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}}
 
 
 @functools.cache
@@ -98,10 +112,9 @@ async def publish_run(summary: dict, settings: dict) -> None:
                                     markdown=calibration_markdown(summary, settings, image, summary["stages"]))
 
 
-ALL_MODULES = {m for mods in CODE_MODULES.values() for m in mods}  # every stage's modules (all registered at import)
 RESULTS = ("model", "calibration", "train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "baselines",
            "warnings", "train_rows", "val_rows", "epochs_run", "stopped_by", "train_seconds", "predictions", "outliers",
-           "dropped_outliers", "certificate", "correction_table")
+           "dropped_outliers", "certificate", "correction_table", "drift", "drift_baseline")
 OUTLIER_FIELDS = ("row", "reading", "celsius", "residual", "studentized")
 
 
@@ -145,6 +158,7 @@ def record_run(
         "correction_table": stages["report"]["ref"]["summary"]["correction_table"],
     }
     summary["warnings"] += extrapolation_warnings(summary["predictions"], summary["calibration"]["range"])
+    summary["drift"], summary["drift_baseline"] = single_drift(s, data, settings, run_id, stages["train"]["ref"])
     manifest = {
         "run_id": run_id,
         "created": now.isoformat(),
@@ -152,11 +166,7 @@ def record_run(
         "data": {"path": data, "sha256": data_sha256},
         "parameters": {**settings, "predict": predict},
         "effective": effective,  # what the defaults of lr, epochs and tol resolved to
-        "code": {
-            "revision": _code_revision(),
-            "sha256": code_version(tuple(sorted(ALL_MODULES))),
-        },
-        "libraries": {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}},
+        **manifest_identity(),
         "stages": {
             name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"], "seconds": run["seconds"]}
             for name, run in stages.items()
@@ -167,6 +177,21 @@ def record_run(
     }
     s.write_manifest(run_id, manifest)
     return summary
+
+
+def single_drift(s: Store, data: str, settings: dict, run_id: str, train: dict) -> tuple[list[dict], str | None]:
+    """A single-sensor run's drift check against its baseline (tasks.fleet_record.drift_since);
+    a baseline trained by the same train stage (a cached run) has not moved, and is not loaded."""
+    from tasks.fleet_record import baseline_manifest, drift_since, single_sensor_id
+
+    baseline = settings.get("baseline")
+    found = baseline_manifest(s, data, baseline, run_id)
+    if found is None:
+        return [], None
+    if found.get("stages", {}).get("train", {}).get("sha256") == train["sha256"]:
+        return [], found["run_id"]
+    current = {single_sensor_id(data): s.load(train)["model"]}
+    return drift_since(s, data, baseline, run_id, current, settings["drift_threshold"])
 
 
 SWEEP_KEY = "thermocal-sweep"

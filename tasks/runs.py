@@ -46,6 +46,7 @@ def run_row(manifest: dict) -> dict:
         "usable": verdict(r) is None,
         "reason": verdict(r),
         "calibration": r["calibration"],
+        "sensors": r["fleet"]["sensors"] if "fleet" in r else None,  # a fleet's: one calibration per sensor
     }
 
 
@@ -59,18 +60,30 @@ def list_runs(store: Store, data: str | None = None) -> list[dict]:
     return [row for row in rows if data is None or _same_file(row["data"], data)]
 
 
-def choose_run(store: Store, run_id: str | None, data: str | None) -> tuple[dict, list[str]]:
+def _kind_refused(manifest: dict, fleet: bool) -> str | None:
+    if fleet and "fleet" not in manifest["results"]:
+        return f"run {manifest['run_id']} calibrated one sensor, not a fleet: predict without --sensor"
+    if not fleet and "fleet" in manifest["results"]:
+        return (f"run {manifest['run_id']} calibrated a fleet of {manifest['results']['fleet']['sensors']} sensors: "
+                "give --sensor ID (`thermocal sensors` lists them)")
+    return None
+
+
+def choose_run(store: Store, run_id: str | None, data: str | None, fleet: bool = False) -> tuple[dict, list[str]]:
     """The manifest `predict` uses and what the user should know about it: the run asked for
     (warned about when its model is not usable), or else the latest usable run (of `data` when
     given; noted when the store holds runs of several data files). StoreError, listing the runs
-    and what is wrong with each, when there is none."""
+    and what is wrong with each, when there is none. `fleet`: a fleet's run (predict --sensor),
+    else a single sensor's."""
     if run_id is not None:
         manifest = store.manifest(run_id)
         if data is not None and not _same_file(manifest["data"]["path"], data):
             raise StoreError(f"run {run_id} was trained on {manifest['data']['path']}, not {Path(data).resolve()}")
+        if _kind_refused(manifest, fleet):
+            raise StoreError(_kind_refused(manifest, fleet))
         reason = verdict(manifest["results"])
         return manifest, [] if reason is None else [f"run {run_id} is used as asked, but its model should not be trusted: {reason}"]
-    everything = store.manifests()
+    everything = [m for m in store.manifests() if not _kind_refused(m, fleet)]
     manifests = [m for m in everything if data is None or _same_file(m["data"]["path"], data)]
     usable = [m for m in manifests if verdict(m["results"]) is None]
     if usable:
@@ -84,7 +97,9 @@ def choose_run(store: Store, run_id: str | None, data: str | None) -> tuple[dict
     scope = f" of {Path(data).resolve()}" if data is not None else ""
     if not manifests:
         missing = " (no such file)" if data is not None and not Path(data).exists() else ""
-        raise StoreError(f"no runs{scope}{missing} in {store.root}; run `thermocal run{' --data ' + data if data else ''}` first")
+        kind = " of a fleet" if fleet else ""
+        raise StoreError(f"no runs{kind}{scope}{missing} in {store.root}; run `thermocal run{' --data ' + data if data else ''}"
+                         f"{' --sensor-column COLUMN' if fleet else ''}` first")
     listed = "\n".join(f"  {m['run_id']} ({m['results']['model'].get('spec', 'linear')}): {verdict(m['results'])}" for m in manifests[-10:])
     raise StoreError(
         f"no run{scope} in {store.root} has a model to trust; the latest runs:\n{listed}\n"

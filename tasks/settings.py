@@ -44,6 +44,7 @@ AUTO_TOL = 1e-6  # a converged float32 loss jitters by about 1e-7 (finite differ
 MAX_EPOCHS = 5000
 NETWORK_BOOTSTRAP = 100  # replicates for the network's uncertainty when --bootstrap is not given
 MAX_BOOTSTRAP = 10_000
+DEFAULT_PARTITION, MAX_PARTITION = 1000, 100_000
 
 
 class CalibrationSettings(BaseModel):
@@ -98,6 +99,15 @@ class CalibrationSettings(BaseModel):
         f"(default: {NETWORK_BOOTSTRAP} for mlp, 0 otherwise; with linear or poly a cross-check of the formulas)",
     )
     drop_outliers: bool = Field(False, description="refit without the training rows flagged as outliers, and record which")
+    # fleets (tasks.fleet): one calibration per sensor, sensors trained a partition at a time
+    sensor_column: str | None = Field(None, min_length=1, description="column of sensor ids: one calibration per sensor "
+                                      "(default: none, the whole file is one sensor)")
+    partition_size: int = Field(DEFAULT_PARTITION, ge=1, le=MAX_PARTITION,
+                                description="with --sensor-column: at most this many sensors train together, cached as one partition")
+    # drift: each sensor's calibration against its previous run's (or --baseline's)
+    drift_threshold: float = Field(0.5, ge=0.0, description="°C: a calibration that moved more than this over its range is reported as drifted")
+    baseline: str | None = Field(None, pattern=r"^\d{8}-\d{6}-[0-9a-f]{8}$", description="run id to compare calibrations with "
+                                 "(default: the previous run of the same data file in the store)")
 
     @field_validator("scale", "lr", "delta", "tol")
     @classmethod
@@ -134,7 +144,7 @@ class CalibrationSettings(BaseModel):
         """--bootstrap; by default NETWORK_BOOTSTRAP for the network (it has no closed form), 0 otherwise."""
         if self.bootstrap is not None:
             return self.bootstrap
-        return NETWORK_BOOTSTRAP if self.model.startswith("mlp") else 0
+        return NETWORK_BOOTSTRAP if self.model.startswith("mlp") and self.sensor_column is None else 0
 
     @field_validator("bootstrap")
     @classmethod
@@ -147,6 +157,8 @@ class CalibrationSettings(BaseModel):
     def _columns_differ(self) -> CalibrationSettings:
         if self.reading_column == self.celsius_column:
             raise ValueError("reading_column and celsius_column must name different columns")
+        if self.sensor_column is not None and self.sensor_column in (self.reading_column, self.celsius_column):
+            raise ValueError(f"--sensor-column {self.sensor_column!r} must name a column of its own, not the readings or °C")
         if self.sep == self.decimal:
             raise ValueError(f"--sep and --decimal are both {self.sep!r}: a European export separates fields by ';' "
                              "(--sep ';' --decimal ',')")
@@ -160,6 +172,20 @@ class CalibrationSettings(BaseModel):
         if self.bootstrap_replicates and self.batch_size is not None:
             raise ValueError(f"--batch-size trains one model at a time; {self.model} would train {self.bootstrap_replicates} "
                              "bootstrap replicates at once: give --bootstrap 0, or no --batch-size")
+        return self
+
+    @model_validator(mode="after")
+    def _fleet(self) -> CalibrationSettings:
+        """A fleet trains its sensors at once (tasks.batched): full batches, no bootstrap, no line search."""
+        if self.sensor_column is None:
+            return self
+        refused = [(self.batch_size is not None, "--batch-size"), (bool(self.bootstrap), "--bootstrap"),
+                   (self.drop_outliers, "--drop-outliers"),
+                   (self.strategy == "optimizer" and self.optimizer == "lbfgs", "--optimizer lbfgs")]
+        named = [flag for refused_, flag in refused if refused_]
+        if named:
+            raise ValueError(f"{', '.join(named)} cannot be used with --sensor-column: a fleet trains all its sensors at once, "
+                             "full-batch, without a bootstrap or outlier refit (and LBFGS's line search would couple them)")
         return self
 
 

@@ -250,6 +250,16 @@ class Store:
             "summary": meta["summary"],
         }
 
+    def file_ref(self, ref: dict, name: str) -> dict:
+        """A ref to another file of a stage (`name`, one of ref["files"]), with the hash its
+        meta.json recorded: `load` verifies it as it verifies a stage's main file."""
+        folder = self.path(ref["path"]).parent
+        try:
+            digest = json.loads((folder / "meta.json").read_text())["files"][name]
+        except (OSError, ValueError, KeyError):
+            raise StoreError(f"{folder / name}: missing from its stage; run the pipeline again to recompute the {ref['stage']} stage") from None
+        return {"stage": ref["stage"], "path": ref["files"][name], "sha256": digest}
+
     def path(self, relative: str) -> Path:
         """An absolute path for a store-relative one, refusing anything outside the store."""
         path = (self.root / relative).resolve()

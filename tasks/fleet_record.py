@@ -1,0 +1,144 @@
+"""The last step of a fleet run, and the drift check every run makes: its manifest, the sensors
+that failed, and which calibrations moved since the baseline run."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect.runtime import flow_run
+
+from tasks.errors import StoreError
+from tasks.fleet_report import artifact_rows, worst_sensors
+from tasks.record import manifest_identity
+from tasks.staging import threaded_task
+from tasks.store import Store
+
+
+def single_sensor_id(data: str) -> str:
+    """A single-sensor run's sensor, for drift and its events: the data file's name without suffix."""
+    return Path(data).stem
+
+
+def is_fleet(manifest: dict) -> bool:
+    return "fleet" in manifest.get("results", {})
+
+
+def baseline_manifest(store: Store, data: str, baseline: str | None, current: str) -> dict | None:
+    """The run to compare with: `baseline` when given (any data file), else the latest earlier run
+    of the same data file in the store; None when there is none."""
+    if baseline is not None:
+        return store.manifest(baseline)
+    earlier = [m for m in store.manifests() if m["run_id"] != current and Path(m["data"]["path"]) == Path(data)]
+    return earlier[-1] if earlier else None
+
+
+def calibrations_of(store: Store, manifest: dict) -> dict[str, dict]:
+    """A run's calibrations as {sensor: Calibration record}: a fleet's every calibrated sensor, a
+    single run's one (named by its data file)."""
+    stages = manifest["stages"]
+    if is_fleet(manifest):
+        report = {"stage": "fleet-report", **stages["report"]}
+        return store.load(store.file_ref(report, "calibrations.joblib"))
+    trained = store.load({"stage": "train", **stages["train"]})
+    return {single_sensor_id(manifest["data"]["path"]): trained["model"]}
+
+
+def drift_since(store: Store, data: str, baseline: str | None, run_id: str, current: dict[str, dict],
+                threshold: float) -> tuple[list[dict], str | None]:
+    """The sensors whose calibration moved more than `threshold` °C since the baseline run, and that
+    run's id (None: no baseline, nothing to compare)."""
+    from tasks.drift import calibration_drift
+
+    found = baseline_manifest(store, data, baseline, run_id)
+    if found is None:
+        return [], None
+    try:
+        previous = calibrations_of(store, found)
+    except StoreError:
+        if baseline is not None:
+            raise
+        return [], None  # an earlier run whose files were removed: no baseline
+    return calibration_drift(previous, current, threshold), found["run_id"]
+
+
+def _number(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _median(values) -> float | None:
+    finite = sorted(v for v in (_number(x) for x in values) if v is not None)
+    if not finite:
+        return None
+    middle = len(finite) // 2
+    return finite[middle] if len(finite) % 2 else (finite[middle - 1] + finite[middle]) / 2
+
+
+@threaded_task(name="record-fleet", task_run_name="record-fleet")
+def record_fleet(store: str, data: str, data_sha256: str, settings: dict, effective: dict, stages: dict[str, dict],
+                 partitions: dict, failed: list[dict], run_id: str, baseline: str | None) -> dict:
+    """Compare every sensor's calibration with the baseline run's, write the manifest, and return
+    the run's summary (what `thermocal run --json` prints for a fleet)."""
+    s = Store(store)
+    report = stages["report"]["ref"]
+    table = s.load({"stage": "fleet-report", **{k: report[k] for k in ("path", "sha256")}})
+    rows = table.to_dict(orient="records")
+    current = s.load(s.file_ref(report, "calibrations.joblib"))
+    drift, compared_with = drift_since(s, data, baseline, run_id, current, settings["drift_threshold"])
+    calibrated = sum(1 for r in rows if r["status"] == "calibrated")
+    summary = {
+        "run_id": run_id,
+        "run_dir": str(s.run_dir(run_id)),
+        "model": {"spec": settings["model"]},
+        "fleet": {"sensors": len(rows), "calibrated": calibrated, "failed": len(rows) - calibrated, "partitions": partitions},
+        "sensors_table": str(s.path(report["files"]["sensors.csv"])),
+        "sensors_failed": failed,
+        "drift": drift,
+        "drift_baseline": compared_with,
+        "worst_sensors": [{k: r[k] for k in ("sensor", "residual_sd", "coefficients", "val_loss")} for r in worst_sensors(rows)],
+        "worst_table": artifact_rows(rows),
+        "train_loss": _median(r["train_loss"] for r in rows), "val_loss": _median(r["val_loss"] for r in rows),
+        "stages": {name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"], "seconds": run["seconds"]}
+                   for name, run in stages.items()},
+        "report": str(s.path(report["files"]["fleet.png"])),
+        "warnings": [f"{len(failed)} of {len(rows)} sensors could not be calibrated (sensors_failed says why)"] if failed else [],
+    }
+    now = datetime.now(timezone.utc)
+    manifest = {
+        "run_id": run_id, "created": now.isoformat(), "flow_run_id": flow_run.id,
+        "data": {"path": data, "sha256": data_sha256},
+        "parameters": {**settings, "predict": []}, "effective": effective, **manifest_identity(),
+        "stages": {name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"], "seconds": run["seconds"]}
+                   for name, run in stages.items()},
+        "results": {**{k: summary[k] for k in ("model", "fleet", "sensors_failed", "drift", "drift_baseline", "train_loss",
+                                              "val_loss", "warnings")},
+                    "calibration": None, "converged": None, "model_warnings": []},
+    }
+    s.write_manifest(run_id, manifest)
+    return summary
+
+
+FLEET_KEY, DRIFT_KEY, FLEET_REPORT_KEY = "thermocal-fleet", "thermocal-drift", "thermocal-fleet-report"
+
+
+async def publish_fleet(summary: dict) -> None:
+    """The fleet's artifacts on the flow run: its worst sensors, its drift, and the report with the plot."""
+    import base64
+
+    from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+
+    from tasks.fleet_report import fleet_markdown
+
+    rows = summary.pop("worst_table")  # for the UI; the JSON has worst_sensors
+    await acreate_table_artifact(key=FLEET_KEY, table=rows or [{"sensor": "-", "note": "no sensor calibrated"}],
+                                 description=f"the fleet's worst sensors first (residual SD), of {summary['fleet']['sensors']}")
+    drift = summary["drift"] or [{"sensor": "-", "max_delta_celsius": 0.0, "at_reading": None}]
+    await acreate_table_artifact(key=DRIFT_KEY, table=drift,
+                                 description=f"calibrations that moved beyond the threshold since run {summary['drift_baseline']}")
+    image = "data:image/png;base64," + base64.b64encode(Path(summary["report"]).read_bytes()).decode()
+    await acreate_markdown_artifact(key=FLEET_REPORT_KEY, markdown=fleet_markdown(summary, image), description="thermocal fleet report")
