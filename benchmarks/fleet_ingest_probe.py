@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # each prints its seconds; the imports alone give each kind's baseline
 KINDS = {
     "read_csv": "import sys, time, pandas as pd; t = time.perf_counter(); pd.read_csv(sys.argv[1]); print(time.perf_counter() - t)",
-    "load_fleet": "import sys, time; from pathlib import Path; from tasks.ingest import load_fleet; t = time.perf_counter(); "
+    "load_fleet": "import sys, time; from pathlib import Path; from tasks.fleet_ingest import load_fleet; t = time.perf_counter(); "
                   "load_fleet(Path(sys.argv[1]), 'reading', 'celsius', 'sensor'); print(time.perf_counter() - t)",
 }
-IMPORTS = {"read_csv": "import pandas; print(0)", "load_fleet": "import tasks.ingest; print(0)"}
+IMPORTS = {"read_csv": "import pandas; print(0)", "load_fleet": "import tasks.fleet_ingest; print(0)"}
 LEAN_BYTES_PER_ROW = 8 + 8 + 4
 
 

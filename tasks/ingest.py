@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,18 +109,15 @@ DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+([eE][+-]?\d+)?")  # 0,5 or -12,25: a n
 MAX_LISTED = 50  # problems listed in one message; the rest are counted
 
 
-def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataFrame:
-    """pd.read_csv with every way a file can be unreadable turned into a message naming it.
-
-    One pass with pandas' defaults is the fastest read (blank lines skipped, spaces around
-    numbers allowed); its parser buffers peak at about 2.6x the parsed table.
-    """
+@contextmanager
+def _parsing(path: Path, sep: str):
+    """Every way pd.read_csv finds a file unreadable, within the block, turned into a message naming it."""
     try:
         with warnings.catch_warnings():
             # pandas otherwise drops a first row's extra field with only a warning, or turns the
             # first column into the index: either silently changes the data
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, encoding="utf-8-sig", index_col=False, sep=sep, decimal=decimal, **options)
+            yield
     except UNREADABLE as error:
         raise unreadable(path, error) from None
     except pd.errors.EmptyDataError:
@@ -129,6 +127,16 @@ def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataF
         raise InvalidInput(f"{path}: line {line} (byte {offset}) is not UTF-8 text; save the file as UTF-8 CSV") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning):
         raise _ragged(path, sep) from None
+
+
+def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataFrame:
+    """pd.read_csv, with a message naming the file when it cannot be read.
+
+    One pass with pandas' defaults is the fastest read (blank lines skipped, spaces around
+    numbers allowed); its parser buffers peak at about 2.6x the parsed table.
+    """
+    with _parsing(path, sep):
+        return pd.read_csv(path, encoding="utf-8-sig", index_col=False, sep=sep, decimal=decimal, **options)
 
 
 def file_lines(path: Path, rows: set[int]) -> dict[int, int]:
@@ -252,54 +260,3 @@ def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows
         raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(table)))
     return table
 
-
-def _sensor_failures(ids: pd.Series, column: str) -> pd.DataFrame:
-    """A failure case per row whose sensor id is blank, NaN or longer than MAX_SENSOR_ID, judged
-    once per distinct id (a category of `ids`), never once per row."""
-    names = ids.cat.categories.str.strip()
-    lengths = names.str.len().to_numpy()
-    # per category 0: fine, 1: blank, 2: too long; one entry more for NaN, whose code is -1
-    fault = np.append(np.where(lengths == 0, 1, np.where(lengths > MAX_SENSOR_ID, 2, 0)), 1).astype(np.int8)
-    codes = ids.cat.codes.to_numpy()
-    rows = np.flatnonzero(fault[codes])
-    kinds = fault[codes[rows]]
-    return pd.DataFrame({
-        "column": column,
-        "check": np.where(kinds == 1, "sensor_id_present", "sensor_id_length"),
-        "failure_case": np.append(names.to_numpy(dtype=object), None)[codes[rows]],
-        "index": rows,
-    })
-
-
-def load_fleet(
-    path: Path, reading_column: str, celsius_column: str, sensor_column: str, sep: str = ",", decimal: str = ".",
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """A fleet's readings as float64 columns `reading` and `celsius` and an int32 `sensor` code, and
-    the distinct sensor ids (str) indexed by code; or InvalidInput listing every problem.
-
-    Ids are text ("007" stays "007") of 1 to MAX_SENSOR_ID characters, compared without the spaces
-    around them (" s1" and "s1" are one sensor); a blank cell, or one pandas reads as NaN ("NA",
-    "NaN", as in the numeric columns), is a missing id. Codes follow the sorted ids, so the same ids
-    get the same codes whatever the order of the rows. The id column is parsed as a category: pandas
-    keeps one string per distinct id, never one per row (10 million rows: 2.4x the 200 MB table at
-    peak, where a plain read_csv of the file takes 2.9x).
-    """
-    if sensor_column in (reading_column, celsius_column):
-        raise InvalidInput(f"{path}: the sensor column {sensor_column!r} is also the reading or °C column; name three different columns")
-    found = check_header(path, reading_column, celsius_column, sep, decimal, sensor_column)
-    wanted = [reading_column, celsius_column, sensor_column]
-    columns = {"usecols": wanted} if len(found) > 3 else {}  # usecols doubles parse time: only for extra columns
-    frame = _read(path, sep, decimal, dtype={sensor_column: "category"}, **columns)
-    failures = [cases for cases in (_failures(readings_schema(reading_column, celsius_column), frame),
-                                    _sensor_failures(frame[sensor_column], sensor_column)) if cases is not None and len(cases)]
-    if failures:
-        cases = pd.concat(failures, ignore_index=True)
-        raise _refused(path, _describe_failures(cases, found, reading_column, 1, len(frame), path, sep, decimal))
-    if frame.empty:
-        raise _refused(path, ["0 row(s) of readings; a fleet needs at least one"])
-    names = frame[sensor_column].cat.categories.str.strip().to_numpy(dtype=str)
-    sensors, code_of = np.unique(names, return_inverse=True)  # sorted; stripping may merge two categories
-    codes = code_of.astype(np.int32)[frame[sensor_column].cat.codes.to_numpy()]
-    table = pd.DataFrame({READING: frame[reading_column].to_numpy(np.float64), CELSIUS: frame[celsius_column].to_numpy(np.float64),
-                          SENSOR: codes}, copy=False)
-    return table, sensors

@@ -63,7 +63,7 @@ def write_synthetic(out: Path, rows: int, seed: int = 0) -> dict:
 # A fleet: many sensors, each with its own hidden calibration drawn around the seed's thermometer
 SLOPE_SPREAD = 0.05  # relative sd of the sensors' slopes around HIDDEN_SLOPE
 INTERCEPT_SPREAD = 2.0  # °C sd of the sensors' intercepts around HIDDEN_INTERCEPT
-FLAKY_SHARE, FLAKY_DROPOUT = 0.1, 0.05  # a tenth of the sensors lose 5 % of their minutes; the rest DROPOUT_RATE
+FLAKY_SHARE, FLAKY_DROPOUT = 0.1, 0.05  # a tenth of the sensors lose 5 % of their readings; the rest DROPOUT_RATE
 SPAN_MINUTES = 2 * 1440  # a sensor logs every few minutes, so that its rows span about two days of weather
 SENSORS_PER_BROKEN = 2000  # one broken sensor per 2000: 0.05 % of a fleet, none in a fleet under 2000
 BROKEN_KINDS = ("stuck", "single_row")  # a reading that never varies; one row, which fixes no line
@@ -71,7 +71,7 @@ FLEET_HEADER = b"sensor,reading,celsius\n"
 TENS = 10 ** np.arange(1, 19)  # 10 … 10**18: the int64 powers of ten
 
 
-def _sensor_ids(sensors: int) -> np.ndarray:
+def _fleet_ids(sensors: int) -> np.ndarray:
     """'s00000', 's00001', …: zero-padded to one width, so the ids sort as their numbers do."""
     width = max(5, len(str(sensors - 1)))
     return np.array([f"s{i:0{width}d}" for i in range(sensors)])
@@ -83,7 +83,7 @@ def _fleet_truth(rng: np.random.Generator, sensors: int) -> pd.DataFrame:
     which = np.sort(rng.choice(sensors, sensors // SENSORS_PER_BROKEN, replace=False))
     broken[which] = [BROKEN_KINDS[i % len(BROKEN_KINDS)] for i in range(len(which))]
     return pd.DataFrame({
-        "sensor": _sensor_ids(sensors),
+        "sensor": _fleet_ids(sensors),
         "slope": HIDDEN_SLOPE * (1.0 + rng.normal(0.0, SLOPE_SPREAD, sensors)),
         "intercept": HIDDEN_INTERCEPT + rng.normal(0.0, INTERCEPT_SPREAD, sensors),
         "noise_celsius": rng.uniform(0.2, NOISE_C, sensors),
