@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import synth
+from tasks import fleet_ingest, synth
 from tasks.errors import InvalidInput
 from tasks.fleet_ingest import load_fleet
 from tasks.ingest import MAX_SENSOR_ID, check_header
@@ -37,6 +37,14 @@ def _raw(path: Path) -> pd.DataFrame:
 # load_fleet
 
 
+@pytest.fixture(params=[None, 7], ids=["one-chunk", "chunks-of-7-rows"])
+def chunk_rows(request, monkeypatch):
+    """load_fleet's default chunk, or chunks of 7 rows: sensors and problems straddle chunks."""
+    if request.param is not None:
+        monkeypatch.setattr(fleet_ingest, "CHUNK_ROWS", request.param)
+
+
+@pytest.mark.usefixtures("chunk_rows")
 def test_a_synthetic_fleet_round_trips(tmp_path):
     path = tmp_path / "fleet.csv"
     write_fleet(path, sensors=30, rows=3000, seed=4)
@@ -62,10 +70,13 @@ def test_codes_follow_sorted_ids_whatever_the_row_order(tmp_path):
 def test_ids_are_text_compared_without_surrounding_spaces(tmp_path):
     path = _write(tmp_path, "sensor,reading,celsius\n007,1,2\n7,2,3\n0070,3,4\n 007 ,4,5\n")
     table, sensors = _load(path)
-    assert sensors.tolist() == ["007", "0070", "7"]
+    assert sensors.tolist() == ["007", "0070", "7"]  # dtype='category' would give the numbers 7 and 70
     assert table["sensor"].tolist() == [0, 2, 1, 0]
+    _, sensors = _load(_write(tmp_path, "sensor,reading,celsius\nTrue,1,2\nFALSE,2,3\n", "booleans.csv"))
+    assert sensors.tolist() == ["FALSE", "True"]
 
 
+@pytest.mark.usefixtures("chunk_rows")
 def test_every_bad_id_and_cell_is_listed_with_its_line(tmp_path):
     longest, too_long = "x" * MAX_SENSOR_ID, "y" * (MAX_SENSOR_ID + 1)
     path = _write(tmp_path, f"sensor,reading,celsius\ns1,1,2\n,2,3\n{too_long},3,4\n{longest},4,5\n   ,5,6\ns2,abc,7\nNA,7,8\n")
