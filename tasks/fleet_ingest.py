@@ -64,6 +64,8 @@ def load_fleet(
     characters, compared without the spaces around them (" s1" and "s1" are one sensor); a blank
     cell, or one pandas reads as NaN ("NA", "NaN", as in the numeric columns), is a missing id.
     Codes follow the sorted ids, so the same ids get the same codes whatever the order of the rows.
+    Read CHUNK_ROWS at a time: on 10 million rows the peak is about 2.2x the 200 MB table returned
+    (a plain read_csv of the file: 2.95x), in about 1.8x read_csv's time (which reads in parallel).
     """
     if sensor_column in (reading_column, celsius_column):
         raise InvalidInput(f"{path}: the sensor column {sensor_column!r} is also the reading or °C column; name three different columns")

@@ -103,7 +103,7 @@ def _fleet_chunks(truth: pd.DataFrame, rng: np.random.Generator, rows: int):
     site offset, slow weather, dropped readings, noise in the reference °C.
 
     Yields (sensor code, reading, celsius, dropouts) arrays of at most CHUNK rows; a sensor's clock
-    and weather carry over from one chunk to the next, so the chunk size never shows in the data.
+    and weather carry over from one chunk to the next, so a chunk boundary leaves no seam in its series.
     """
     sensors = len(truth)
     slope, intercept, noise = (truth[name].to_numpy() for name in ("slope", "intercept", "noise_celsius"))
@@ -156,8 +156,9 @@ def _fixed_point(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _fleet_csv(names: np.ndarray, sensor: np.ndarray, reading: np.ndarray, celsius: np.ndarray) -> bytes:
-    """Lines `id,reading,celsius` of one chunk, formatted by numpy, ten times faster than to_csv's
-    '%.2f' and with no Python string per row. `names`: the ids' ASCII bytes, (sensors, id width)."""
+    """Lines `id,reading,celsius` of one chunk, formatted by numpy: about 7x faster than to_csv's
+    '%.2f' (0.5 s a million rows), with no Python string per row. `names`: the ids' ASCII bytes,
+    (sensors, id width)."""
     reading_text, reading_mask = _fixed_point(reading)
     celsius_text, celsius_mask = _fixed_point(celsius)
     comma, newline = np.full((1, len(sensor)), ord(","), np.uint8), np.full((1, len(sensor)), ord("\n"), np.uint8)
