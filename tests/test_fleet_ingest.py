@@ -182,26 +182,26 @@ def test_rows_are_formatted_with_two_decimals():
 # the command line, in a fresh process
 
 
-def _synth(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _synth(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows", "synth", *args], check=False, capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
 
 
 def test_synth_sensors_command(tmp_path):
     out, truth = tmp_path / "fleet.csv", tmp_path / "truth.csv"
-    done = _synth(tmp_path, "--sensors", "50", "--rows", "2000", "--out", str(out), "--truth", str(truth), "--seed", "9", "--json")
+    done = _synth("--sensors", "50", "--rows", "2000", "--out", str(out), "--truth", str(truth), "--seed", "9", "--json")
     assert done.returncode == 0, done.stderr
     written = json.loads(done.stdout)
     assert written == {"path": str(out), "rows": 2000, "sensors": 50, "seed": 9, "truth": str(truth), "broken": [],
                        "dropouts_kept_out": written["dropouts_kept_out"]}
     assert len(_raw(out)) == 2000 and len(pd.read_csv(truth)) == 50
-    human = _synth(tmp_path, "--sensors", "50", "--rows", "2000", "--out", str(tmp_path / "again.csv"), "--seed", "9")
+    human = _synth("--sensors", "50", "--rows", "2000", "--out", str(tmp_path / "again.csv"), "--seed", "9")
     assert human.returncode == 0 and "2000 readings of 50 sensors" in human.stdout
     assert (tmp_path / "again.csv").read_bytes() == out.read_bytes()
 
 
 def test_synth_without_sensors_is_unchanged(tmp_path):
-    done = _synth(tmp_path, "--rows", "500", "--out", str(tmp_path / "one.csv"), "--seed", "4")
+    done = _synth("--rows", "500", "--out", str(tmp_path / "one.csv"), "--seed", "4")
     assert done.returncode == 0, done.stderr
     write_synthetic(tmp_path / "direct.csv", 500, seed=4)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "direct.csv").read_bytes()
@@ -217,7 +217,7 @@ def test_synth_without_sensors_is_unchanged(tmp_path):
 def test_bad_synth_values_write_nothing(tmp_path, args, expected):
     out = tmp_path / "fleet.csv"
     paths = {"TRUTH": str(tmp_path / "truth.csv"), "OUT": str(out), "DIR": str(tmp_path)}
-    done = _synth(tmp_path, *[paths.get(arg, arg) for arg in args], "--out", str(out))
+    done = _synth(*[paths.get(arg, arg) for arg in args], "--out", str(out))
     assert (done.returncode, done.stdout) == (2, "")
     assert expected in done.stderr and "Traceback" not in done.stderr
     assert [p.name for p in tmp_path.iterdir()] == []
