@@ -130,9 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_store(predict)
     predict.add_argument("--json", action="store_true", help="print one JSON object: run_id, model, data, predictions (and warning)")
 
-    synth = commands.add_parser("synth", help="write realistic synthetic readings (a hidden calibration plus noise)")
-    synth.add_argument("--rows", type=int, required=True, help="rows of readings to write")
+    synth = commands.add_parser("synth", help="write realistic synthetic readings (a hidden calibration plus noise), of one thermometer or a fleet")
+    synth.add_argument("--rows", type=int, required=True, help="rows of readings to write (with --sensors: in all)")
     synth.add_argument("--out", required=True, help="CSV file to write")
+    synth.add_argument("--sensors", type=int, help="a fleet: columns sensor, reading, celsius; each sensor its own hidden calibration and noise, "
+                                                   "one in 2000 broken")
+    synth.add_argument("--truth", help="with --sensors: CSV file of each sensor's hidden calibration, noise and why it is broken")
     synth.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     synth.add_argument("--json", action="store_true", help="print what was written as JSON")
 
@@ -343,15 +346,30 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from tasks.synth import write_synthetic
+    from tasks.synth import write_fleet, write_synthetic
 
     if args.rows < 1:
         raise InvalidInput(f"--rows must be at least 1 (got {args.rows})")
-    if Path(args.out).is_dir():
-        raise InvalidInput(f"{args.out}: is a directory; --out names the CSV file to write")
-    written = write_synthetic(Path(args.out), args.rows, args.seed)
-    if args.json:
+    for flag, path in (("--out", args.out), ("--truth", args.truth)):
+        if path is not None and Path(path).is_dir():
+            raise InvalidInput(f"{path}: is a directory; {flag} names the CSV file to write")
+    if args.sensors is None:
+        if args.truth is not None:
+            raise InvalidInput("--truth needs --sensors (one thermometer's hidden calibration is printed, not written)")
+        return _print_synth(write_synthetic(Path(args.out), args.rows, args.seed), args.json)
+    if args.truth is not None and Path(args.truth).resolve() == Path(args.out).resolve():
+        raise InvalidInput(f"--truth and --out both name {args.out}; the fleet and its hidden calibrations need two files")
+    return _print_synth(write_fleet(Path(args.out), args.sensors, args.rows, args.seed, Path(args.truth) if args.truth else None), args.json)
+
+
+def _print_synth(written: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(written))
+    elif "sensors" in written:
+        broken = ", ".join(f"{b['sensor']} ({b['reason']})" for b in written["broken"]) or "none"
+        truth = f"; hidden calibrations in {written['truth']}" if written["truth"] else ""
+        print(f"wrote {written['rows']} readings of {written['sensors']} sensors to {written['path']} "
+              f"({written['dropouts_kept_out']} dropouts kept out); broken sensors: {broken}{truth}")
     else:
         hidden = written["hidden_calibration"]
         print(f"wrote {written['rows']} readings to {written['path']} ({written['dropouts_kept_out']} sensor dropouts kept out); "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import pandera.pandas as pa
 from tasks.errors import UNREADABLE, InvalidInput, unreadable
 
 ABSOLUTE_ZERO_C = -273.15
-READING, CELSIUS = "reading", "celsius"  # the names every later stage uses
+READING, CELSIUS, SENSOR = "reading", "celsius", "sensor"  # the names every later stage uses
+MAX_SENSOR_ID = 64  # characters of a sensor id, after stripping the spaces around it
 
 
 def _numeric(series: pd.Series) -> pd.Series:
@@ -107,18 +109,15 @@ DECIMAL_COMMA = re.compile(r"[+-]?\d+,\d+([eE][+-]?\d+)?")  # 0,5 or -12,25: a n
 MAX_LISTED = 50  # problems listed in one message; the rest are counted
 
 
-def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataFrame:
-    """pd.read_csv with every way a file can be unreadable turned into a message naming it.
-
-    One pass with pandas' defaults is the fastest read (blank lines skipped, spaces around
-    numbers allowed); its parser buffers peak at about 2.6x the parsed table.
-    """
+@contextmanager
+def _parsing(path: Path, sep: str):
+    """Every way pd.read_csv finds a file unreadable, within the block, turned into a message naming it."""
     try:
         with warnings.catch_warnings():
             # pandas otherwise drops a first row's extra field with only a warning, or turns the
             # first column into the index: either silently changes the data
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, encoding="utf-8-sig", index_col=False, sep=sep, decimal=decimal, **options)
+            yield
     except UNREADABLE as error:
         raise unreadable(path, error) from None
     except pd.errors.EmptyDataError:
@@ -128,6 +127,16 @@ def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataF
         raise InvalidInput(f"{path}: line {line} (byte {offset}) is not UTF-8 text; save the file as UTF-8 CSV") from None
     except (pd.errors.ParserError, pd.errors.ParserWarning):
         raise _ragged(path, sep) from None
+
+
+def _read(path: Path, sep: str = ",", decimal: str = ".", **options) -> pd.DataFrame:
+    """pd.read_csv, with a message naming the file when it cannot be read.
+
+    One pass with pandas' defaults is the fastest read (blank lines skipped, spaces around
+    numbers allowed); its parser buffers peak at about 2.6x the parsed table.
+    """
+    with _parsing(path, sep):
+        return pd.read_csv(path, encoding="utf-8-sig", index_col=False, sep=sep, decimal=decimal, **options)
 
 
 def file_lines(path: Path, rows: set[int]) -> dict[int, int]:
@@ -201,6 +210,11 @@ def _describe_failures(
             lines.append((index, f"{where}, column {column!r}: {value} is not finite"))
         elif check == "at_or_above_absolute_zero":
             lines.append((index, f"{where}, column {column!r}: {value} °C is below absolute zero ({ABSOLUTE_ZERO_C})"))
+        elif check == "sensor_id_present":
+            lines.append((index, f"{where}, column {column!r}: missing sensor id (blank or NaN)"))
+        elif check == "sensor_id_length":
+            shown = value if len(value) <= MAX_SENSOR_ID + 16 else value[:MAX_SENSOR_ID] + "…"
+            lines.append((index, f"{where}, column {column!r}: sensor id {shown!r} has {len(value)} characters; at most {MAX_SENSOR_ID}"))
         else:
             lines.append((index if where else -1, f"{where or 'table'}, column {column!r}: {value!r} fails {check}"))
     lines.sort(key=lambda item: item[0])
@@ -221,13 +235,21 @@ def _failures(schema: pa.DataFrameSchema, frame: pd.DataFrame) -> pd.DataFrame |
     return None
 
 
-def check_header(path: Path, reading_column: str, celsius_column: str, sep: str = ",", decimal: str = ".") -> list[str]:
+def check_header(
+    path: Path, reading_column: str, celsius_column: str, sep: str = ",", decimal: str = ".", sensor_column: str | None = None,
+) -> list[str]:
     """The file's column names, or InvalidInput when it cannot be read or lacks a column asked for
     (cheap: the header line only, so a command can say so before starting anything)."""
     found = list(_read(path, sep, decimal, nrows=0).columns)
+    problems = []
     if reading_column not in found or celsius_column not in found:
         failures = _failures(readings_schema(reading_column, celsius_column), pd.DataFrame(columns=found))  # names every missing column
-        raise _refused(path, _describe_failures(failures, found, reading_column, 0, 0, sep=sep, decimal=decimal))
+        problems = _describe_failures(failures, found, reading_column, 0, 0, sep=sep, decimal=decimal)
+    if sensor_column is not None and sensor_column not in found:
+        hint = _separator_hint(found, sep) or "; name the file's sensor-id column with --sensor-column"
+        problems.append(f"column {sensor_column!r} is missing (columns found: {', '.join(repr(c) for c in found)}){hint}")
+    if problems:
+        raise _refused(path, problems)
     return found
 
 
@@ -249,3 +271,4 @@ def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows
     if (failures := _failures(table_schema(min_rows), table)) is not None:
         raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(table)))
     return table
+
