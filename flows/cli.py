@@ -164,35 +164,6 @@ def _settings(args: argparse.Namespace) -> CalibrationSettings:
         raise InvalidInput(describe_validation_error(error)) from None
 
 
-def _print_run(summary: dict) -> None:
-    print(f"model: {summary['model']['spec']}")
-    results.print_calibration(summary["calibration"])
-    results.print_uncertainty(summary["calibration"])
-    val = "n/a" if summary["val_loss"] is None else f"{summary['val_loss']:.6f}"
-    if summary["optimum"] is not None:
-        print(f"training loss {summary['train_loss']:.6f} (least-squares optimum {summary['optimum']['train_loss']:.6f}, "
-              f"gap {max(summary['gap_to_optimum'], 0.0):.2e}), validation loss {val}")
-    else:
-        best = ", ".join(f"{spec} {loss:.6f}" for spec, loss in summary.get("baselines", {}).items())
-        print(f"training loss {summary['train_loss']:.6f} (best polynomials on the same rows: {best}), validation loss {val}")
-    stop = {"epochs": "all epochs", "tol": "the loss settled", "validation": "validation stopped improving"}[summary["stopped_by"]]
-    print(f"{summary['epochs_run']} epochs ({stop}) in {summary['train_seconds'] * 1000:.1f} ms of training")
-    for warning in summary["warnings"]:  # the --lr warning before training included: it said why the run went on
-        print(f"warning: {warning}")
-    for outlier in summary.get("dropped_outliers", []):
-        print(f"dropped outlier: line {outlier['row']} (reading {outlier['reading']:g}, {outlier['celsius']:g} °C, "
-              f"studentized residual {outlier['studentized']:+.2f}); the calibration above is refitted without it")
-    results.print_predictions(summary["predictions"])
-    for d in summary.get("drift", []):
-        print(f"drift: the calibration moved up to {d['max_delta_celsius']:.4g} °C (at reading {d['at_reading']:.6g}) "
-              f"since run {summary['drift_baseline']}")
-    print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
-    for name, stage in summary["stages"].items():
-        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
-    print(f"plot: {summary['report']}")
-    print(f"certificate: {summary['certificate']}")
-
-
 def _header(path: str, sep: str = ",") -> list[str]:
     """The CSV's column names as the csv module reads its first line; [] if that fails."""
     import csv
@@ -213,15 +184,11 @@ def _check_data_file(path: str, settings: CalibrationSettings) -> None:
     except UNREADABLE as error:
         raise unreadable(path, error) from None
     needed = {settings.reading_column, settings.celsius_column} | ({settings.sensor_column} - {None})
-    found = _header(path, settings.sep)
-    if needed <= set(found):
+    if needed <= set(_header(path, settings.sep)):
         return
-    if settings.sensor_column is not None and found and settings.sensor_column not in found:
-        raise InvalidInput(f"{path}: no sensor column {settings.sensor_column!r} (--sensor-column); the columns are "
-                           + ", ".join(repr(c) for c in found))
     from tasks.ingest import check_header
 
-    check_header(Path(path), settings.reading_column, settings.celsius_column, settings.sep, settings.decimal)
+    check_header(Path(path), settings.reading_column, settings.celsius_column, settings.sep, settings.decimal, settings.sensor_column)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -241,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
     elif "fleet" in summary:
         results.print_fleet(summary)
     else:
-        _print_run(summary)
+        results.print_run(summary)
     return 0
 
 
@@ -316,23 +283,8 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result["rows"], indent=2))
     else:
-        _print_sweep(result)
+        results.print_sweep(result)
     return 0
-
-
-def _print_sweep(result: dict) -> None:
-    print(f"{'model':<8} {'strategy':<17} {'normalize':<9} {'lr':>8} {'train loss':>11} {'val loss':>10} {'gap':>9} {'epochs':>6} {'ms':>8}  calibration")
-    for row in result["rows"]:
-        head = f"{row['model']:<8} {row['strategy']:<17} {row['normalization']:<9} {row['lr']:>8g}"
-        if row["status"] != "ok":
-            print(f"{head}  failed: {row['error'].split(':')[0]}")
-            continue
-        val = "-" if row["val_loss"] is None else f"{row['val_loss']:.6f}"
-        gap = "-" if row["gap_to_optimum"] is None else f"{row['gap_to_optimum']:.1e}"
-        print(f"{head} {row['train_loss']:>11.6f} {val:>10} {gap:>9} {row['epochs']:>6} "
-              f"{row['seconds'] * 1000:>8.1f}  {row['calibration']}")
-    files = result["files"]
-    print(f"sweep {result['sweep_id']}: {files['comparison.csv']}, {files['comparison.joblib']}, {files['comparison.png']}")
 
 
 def _server(args: argparse.Namespace) -> int:

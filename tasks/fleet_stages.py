@@ -38,7 +38,7 @@ def _content_sha256(*arrays) -> str:
     return digest.hexdigest()
 
 
-@stage("fleet-ingest", ("tasks.fleet_stages", "tasks.ingest", "tasks.fleet", "tasks.errors"))
+@stage("fleet-ingest", ("tasks.fleet_stages", "tasks.fleet_ingest", "tasks.ingest", "tasks.fleet", "tasks.errors"))
 def ingest_fleet(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, sensor_column: str,
                  partition_size: int, data: str, sep: str = ",", decimal: str = ".") -> dict:
     """Read and validate the fleet file (one pass), then write each partition's rows (file order
@@ -46,7 +46,7 @@ def ingest_fleet(store: str, key: str, data_sha256: str, reading_column: str, ce
     import numpy as np
 
     from tasks.fleet import partition_of
-    from tasks.ingest import load_fleet
+    from tasks.fleet_ingest import load_fleet
 
     table, sensors = load_fleet(Path(data), reading_column, celsius_column, sensor_column, sep, decimal)
     rows = len(table)
