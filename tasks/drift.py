@@ -53,8 +53,9 @@ def max_deltas(previous: dict[str, dict], current: dict[str, dict], points: int 
     if points < 2:
         raise ValueError(f"points must be at least 2 (got {points})")
     groups: dict[str | int, list[str]] = defaultdict(list)
-    for sensor in previous.keys() & current.keys():
-        groups[_family(previous[sensor]["spec"], current[sensor]["spec"])].append(sensor)
+    for sensor, record in current.items():  # in the fleet's order: records visited in a set's hash order took 3x as long
+        if sensor in previous:
+            groups[_family(previous[sensor]["spec"], record["spec"])].append(sensor)
     sensors, deltas, readings = [], [], []
     for family, members in groups.items():
         before, after = [previous[s] for s in members], [current[s] for s in members]
