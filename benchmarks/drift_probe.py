@@ -20,10 +20,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.calibration import Calibration  # noqa: E402
-from tasks.drift import EVENT_LIMIT, EVENT_NAME, emit_drift_events, max_deltas  # noqa: E402
-from tasks.models import make_model  # noqa: E402
-from tasks.normalize import Normalizer  # noqa: E402
+from tasks.calibration import Calibration
+from tasks.drift import EVENT_LIMIT, EVENT_NAME, emit_drift_events, max_deltas
+from tasks.models import make_model
+from tasks.normalize import Normalizer
 
 
 def _record(spec: str, rng: np.random.Generator) -> dict:

@@ -25,7 +25,7 @@ from tasks.specs import parse_spec
 # readings per range where a network is involved: spacing h = (high - low) / 1024. The grid holds
 # both ends; at an interior maximum it falls short by at most max|Δ''| h² / 8 (a tanh network's
 # difference is smooth), e.g. 1.2e-5 °C for a difference whose |Δ''| (high - low)² is 100 °C.
-# Cost: tanh of points x H per side and sensor (about 0.7 ms a sensor for mlp:13 here)
+# Cost: tanh of points x H per side and sensor (0.7-0.9 ms a sensor for mlp:13 here)
 NETWORK_POINTS = 1025
 # a floor under the polynomial maximum that does not depend on root finding (the eigenvalue
 # problem behind the roots may return two close extrema as a complex pair; their real part is
@@ -34,10 +34,11 @@ POLY_GRID = 33
 EVENT_NAME = "thermocal.calibration.drifted"
 SUMMARY_EVENT_NAME = "thermocal.calibration.drift-summary"
 # sensors given an event each, the largest first; beyond them one summary event. Measured against a
-# local server: 10,000 events cost 16 s of emit_event calls in the flow (1.6 ms each), 15 s more to
-# send and 41 s more until the server listed them all, and an automation on the event would fire
-# 10,000 times. That many sensors drifting at once is a fleet-wide cause (a new reference, a
-# changed procedure), which one summary states; the drift rows themselves name every sensor.
+# local `prefect server start` (benchmarks/drift_probe.py): 10,000 events took 9 s of emit_event
+# calls inside the flow, 9 s more to leave the process and 40 s more of the server's SQLite writes
+# before it listed them all, and an automation on the event would fire 10,000 times; 100 events
+# took 0.2 s, 0.4 s and 0.2 s. That many sensors drifting at once has a fleet-wide cause (a new
+# reference, a changed procedure), which one summary states; the drift rows name every sensor.
 EVENT_LIMIT = 100
 
 
@@ -152,7 +153,8 @@ def _network_deltas(before: list[dict], after: list[dict], points: int) -> tuple
     delta, at = np.empty(len(low)), np.empty(len(low))
     for i, (a, b) in enumerate(zip(after, before)):
         readings = np.linspace(low[i], high[i], points)
-        difference = np.abs(Calibration.from_record(a).predict(readings, engine="numpy") - Calibration.from_record(b).predict(readings, engine="numpy"))
+        difference = np.abs(Calibration.from_record(a).predict(readings, engine="numpy")
+                            - Calibration.from_record(b).predict(readings, engine="numpy"))
         best = difference.argmax()
         delta[i], at[i] = difference[best], readings[best]
     return delta, at

@@ -16,10 +16,10 @@ from tasks.normalize import Normalizer, fit_normalizer
 from tests.dask_cluster import alive, dask_processes, worker_env
 
 BRUTE_POINTS = 2_000_001  # readings of the brute-force grid
+STANDARD = Normalizer("standard", 50.0, 0.04)  # readings 0-100 z-scored, as training would store them
 
 
-def line(slope: float, intercept: float, low: float = 0.0, high: float = 100.0,
-         normalizer: Normalizer = Normalizer("standard", 50.0, 0.04)) -> dict:
+def line(slope: float, intercept: float, low: float = 0.0, high: float = 100.0, normalizer: Normalizer = STANDARD) -> dict:
     """A line's record: °C = slope * reading + intercept, stored as training stores it (w, b on the
     normalized reading, float32)."""
     w, b = slope / normalizer.factor, intercept + slope * normalizer.shift
@@ -139,8 +139,7 @@ def test_a_mixed_fleet_gives_each_sensor_its_own_result():
 def fleet(sensors: int, seed: int = 0) -> tuple[dict, dict]:
     """Two calibrations of `sensors` lines: slopes about 1, intercepts about 0 (a drift of about 0.2 °C)."""
     rng = np.random.default_rng(seed)
-    draw = lambda: line(1.0 + rng.normal() * 1e-3, rng.normal() * 0.1)  # noqa: E731
-    return ({f"s{i:05d}": draw() for i in range(sensors)}, {f"s{i:05d}": draw() for i in range(sensors)})
+    return tuple({f"s{i:05d}": line(1.0 + rng.normal() * 1e-3, rng.normal() * 0.1) for i in range(sensors)} for _ in range(2))
 
 
 def test_ten_thousand_lines_take_array_operations_not_a_loop_of_predictions():
@@ -248,9 +247,8 @@ def test_drift_runs_in_the_dask_workers_processes_and_reports_to_the_test_server
 def test_the_cluster_stops_its_three_processes_when_the_body_fails(prefect_server, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    with pytest.raises(RuntimeError, match="a failing test"):
-        with dask_processes(tmp_path / "dask", worker_env(PREFECT_API_URL.value())) as cluster:
-            assert len(cluster.pids) == 3 and all(alive(pid) for pid in cluster.pids)
-            raise RuntimeError("a failing test")
+    with pytest.raises(RuntimeError, match="a failing test"), dask_processes(tmp_path / "dask", worker_env(PREFECT_API_URL.value())) as cluster:
+        assert len(cluster.pids) == 3 and all(alive(pid) for pid in cluster.pids)
+        raise RuntimeError("a failing test")
     assert not [pid for pid in cluster.pids if alive(pid)]
     print(f"dask cluster: up in {cluster.started_seconds:.1f} s, stopped in {cluster.stopped_seconds:.1f} s")
