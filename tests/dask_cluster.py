@@ -24,6 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]  # the checkout being tested: workers import its `tasks` and `tests`
 DASK = Path(sys.executable).parent / "dask"
 WORKERS = 2
+IDLE = 600  # seconds without a task before a scheduler left behind stops itself
 
 
 @dataclass
@@ -82,15 +83,18 @@ def dask_processes(logs: Path, env: dict[str, str], timeout: float = 120) -> Ite
     start itself raised.
 
     Workers run without a nanny (`--no-nanny`), so a worker is the process started here and a
-    task's os.getpid() is one of `worker_pids`; `--death-timeout` makes a worker whose scheduler is
-    gone exit by itself, should this process be killed before it can stop them.
+    task's os.getpid() is one of `worker_pids`. Should this process be killed before it can stop
+    them, they end by themselves (as conftest's local servers do): the scheduler after IDLE seconds
+    without a task (`--idle-timeout`), a worker when its scheduler closes, or after 60 s without
+    reaching one (`--death-timeout`).
     """
     from distributed import Client
 
     logs.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
-    commands = {"scheduler": [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"]}
+    commands = {"scheduler": [str(DASK), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0",
+                              "--idle-timeout", str(IDLE)]}
     for i in range(1, WORKERS + 1):
         commands[f"worker-{i}"] = [str(DASK), "worker", address, "--nthreads", "1", "--no-dashboard", "--no-nanny", "--host", "127.0.0.1",
                                    "--death-timeout", "60", "--local-directory", str(logs / f"worker-{i}")]
