@@ -32,7 +32,6 @@ class DaskCluster:
     address: str
     scheduler_pid: int
     worker_pids: list[int]
-    logs: Path
     started_seconds: float
     stopped_seconds: float | None = None  # set once every process has been stopped
 
@@ -60,8 +59,8 @@ def _stop(processes: list[subprocess.Popen], timeout: float = 20) -> None:
     """SIGTERM to each process's group and wait for it, then the next: workers first, the scheduler
     last. Signalled together, a worker whose scheduler closed the connection mid-close hung (its
     close cancelled) until killed 20 s later; one by one each exits in about 0.3 s. SIGKILL for a
-    group that outlives `timeout`.
-    Each process leads its own session, so its group is itself and whatever it started."""
+    group that outlives `timeout`. Each process leads its own session, so its group is itself and
+    whatever it started."""
     for process in reversed(processes):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
@@ -113,8 +112,7 @@ def dask_processes(logs: Path, env: dict[str, str], timeout: float = 120) -> Ite
                     pass
         except (OSError, TimeoutError) as error:
             pytest.fail(f"the Dask cluster did not start with {WORKERS} workers ({error}):\n{_tails(logs)}")
-        cluster = DaskCluster(address, processes[0].pid, [p.pid for p in processes[1:]], logs,
-                              time.perf_counter() - started)
+        cluster = DaskCluster(address, processes[0].pid, [p.pid for p in processes[1:]], time.perf_counter() - started)
         yield cluster
     finally:
         stopping = time.perf_counter()
