@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dask_cluster import dask_cluster  # noqa: F401  (a fixture: a real Dask cluster as separate processes)
+
 PREFECT_HOME = tempfile.mkdtemp(prefix="thermocal-test-prefect-")
 os.environ["PREFECT_HOME"] = PREFECT_HOME
 os.environ.pop("PREFECT_API_URL", None)
