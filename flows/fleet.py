@@ -169,9 +169,11 @@ async def fleet_run(s: Store, data_path: Path, settings: CalibrationSettings, pr
     counts = {"total": len(partitions), "computed": len(partitions) - cached, "cached": cached}
     effective = {"lr": settings.learning_rate, "epochs": settings.max_epochs, "tol": settings.stopping_tol}
     run_id = new_run_id(datetime.now(timezone.utc))
+    outputs = [{**{k: p.entry[k] for k in ("name", "sensors", "rows", "sha256")}, "cached": p.cached,
+                **{name: getattr(p, name).ref["path"] for name in ("train", "validate", "infer")}} for p in partitions]
     summary = await record_fleet(quote(str(s.root)), quote(str(data_path)), quote(data_sha256), quote(settings_used(settings)),
                                  quote(effective), quote(stages), quote(counts), quote(failed), quote(run_id), quote(settings.baseline),
-                                 wait_for=[done(report.state)])
+                                 quote(outputs), wait_for=[done(report.state)])
     await publish_fleet(summary)
     await announce_drift(summary, str(data_path), settings.drift_threshold)
     return summary

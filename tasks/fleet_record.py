@@ -81,9 +81,10 @@ def _median(values) -> float | None:
 
 @threaded_task(name="record-fleet", task_run_name="record-fleet")
 def record_fleet(store: str, data: str, data_sha256: str, settings: dict, effective: dict, stages: dict[str, dict],
-                 partitions: dict, failed: list[dict], run_id: str, baseline: str | None) -> dict:
+                 partitions: dict, failed: list[dict], run_id: str, baseline: str | None, outputs: list[dict]) -> dict:
     """Compare every sensor's calibration with the baseline run's, write the manifest, and return
-    the run's summary (what `thermocal run --json` prints for a fleet)."""
+    the run's summary (what `thermocal run --json` prints for a fleet). `outputs`: each partition's
+    content hash and its stages' files, for the manifest."""
     s = Store(store)
     report = stages["report"]["ref"]
     table = s.load({"stage": "fleet-report", **{k: report[k] for k in ("path", "sha256")}})
@@ -115,6 +116,7 @@ def record_fleet(store: str, data: str, data_sha256: str, settings: dict, effect
         "parameters": {**settings, "predict": []}, "effective": effective, **manifest_identity(),
         "stages": {name: {**{k: run["ref"][k] for k in ("key", "path", "sha256", "files")}, "cached": run["cached"], "seconds": run["seconds"]}
                    for name, run in stages.items()},
+        "partitions": outputs,
         "results": {**{k: summary[k] for k in ("model", "fleet", "sensors_failed", "drift", "drift_baseline", "train_loss",
                                               "val_loss", "warnings")},
                     "calibration": None, "converged": None, "model_warnings": []},

@@ -18,7 +18,7 @@ from prefect import get_run_logger
 from tasks.staging import READABLE_ROWS, csv_file, joblib_file, stage
 from tasks.store import Store
 
-FLEET_MODULES = ("tasks.fleet", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.split", "tasks.batched",
+FLEET_MODULES = ("tasks.fleet", "tasks.fleet_arrays", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.split", "tasks.batched",
                  "tasks.strategies", "tasks.train", "tasks.uncertainty", "tasks.evaluate", "tasks.model", "tasks.errors")
 # what the sensors table holds, in this order (`thermocal sensors --json` gives these fields)
 TABLE_FIELDS = ("sensor", "model", "coefficients", "standard_uncertainties", "train_loss", "val_loss", "gap_to_optimum",
@@ -126,13 +126,14 @@ def infer_partition(store: str, key: str, ingest: dict, partition: dict, train: 
     return s.write_stage("fleet-infer", key, files, {"partition": partition["name"]})
 
 
-@stage("fleet-report", ("tasks.fleet_stages", "tasks.fleet_report", "tasks.calibration", "tasks.models"))
+@stage("fleet-report", ("tasks.fleet_stages", "tasks.fleet_report", *FLEET_MODULES))
 def report_fleet(store: str, key: str, contents: list[list[str]], model: str, trains: list[dict], validates: list[dict]) -> dict:
     """The per-sensor table of the whole fleet (CSV for people, joblib for tools), every sensor's
     calibration in one file (`thermocal predict --sensor`), and the distribution plot. `contents`:
     each partition's training and validation hashes (the key); `trains`, `validates`: their refs."""
     import pandas as pd
 
+    from tasks.fleet import fleet_calibration
     from tasks.fleet_report import plot_distribution
 
     s = Store(store)
@@ -140,7 +141,8 @@ def report_fleet(store: str, key: str, contents: list[list[str]], model: str, tr
     calibrations = {}
     for ref in trains:
         trained = s.load(ref)
-        calibrations.update({sensor: record for sensor, record in zip(trained["sensors"], trained["calibrations"]) if record is not None})
+        calibrations.update({sensor: fleet_calibration(trained, sensor).to_record()
+                             for sensor, ok in zip(trained["sensors"], trained["calibrated"]) if ok})
     files = {"sensors.joblib": joblib_file(table), "sensors.csv": csv_file(table), "calibrations.joblib": joblib_file(calibrations),
              "fleet.png": lambda path: plot_distribution(path, table, model)}
     counts = table["status"].value_counts().to_dict()

@@ -60,7 +60,7 @@ def test_fleet_run_calibrates_each_sensor_as_its_own_run_would(capsys, tmp_path,
     assert result["fleet"]["partitions"] == {"total": 4, "computed": 4, "cached": 0}
     reasons = {f["sensor"]: f["reason"] for f in result["sensors_failed"]}
     assert set(reasons) == {"short", "stuck"}
-    assert "2 rows" in reasons["short"] and "55.5" in reasons["stuck"]
+    assert "2 row(s)" in reasons["short"] and "55.5" in reasons["stuck"]
     table = pd.read_csv(result["sensors_table"])
     assert list(table["sensor"]) == ["s00", "s01", "s02", "s03", "s04", "short", "stuck"]
     assert Path(result["report"]).is_file() and result["drift"] == [] and result["drift_baseline"] is None
@@ -174,3 +174,28 @@ def test_bad_sensor_ids_fail_the_run_naming_the_lines(capsys, tmp_path, fleet_cs
     assert code == 2, err
     assert "sensor" in err and "6" in err and "11" in err and "Traceback" not in err
     assert not (tmp_path / "store").exists()
+
+
+def _partition_outputs(result: dict) -> dict[str, str]:
+    """The content hash of each partition's train, validate and infer output, and of the fleet's tables."""
+    found = manifest(result)
+    report = Path(result["sensors_table"]).parent
+    from tasks.store import sha256_file
+
+    hashes = {name: sha256_file(report / name) for name in ("sensors.csv", "sensors.joblib", "calibrations.joblib")}
+    for partition in found["partitions"]:
+        for stage in ("train", "validate", "infer"):
+            hashes[f"{partition['name']}/{stage}"] = sha256_file(Path(result["run_dir"]).parent / partition[stage])
+    return hashes
+
+
+def test_a_real_dask_cluster_gives_byte_identical_sensors(capsys, tmp_path, fleet_csv, dask_cluster, monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the workers report to the same server
+    threaded = run_json(capsys, tmp_path / "threads", fleet_csv, *FLEET)
+    on_dask = run_json(capsys, tmp_path / "dask", fleet_csv, *FLEET, "--dask-address", dask_cluster.address)
+    assert on_dask["fleet"] == threaded["fleet"]
+    assert _partition_outputs(on_dask) == _partition_outputs(threaded)
+    states = _task_runs(manifest(on_dask)["flow_run_id"], expected=4 * 3 + 3)
+    assert sum(1 for name, state in states.items() if name.startswith("train[") and state == "Completed") == 4
