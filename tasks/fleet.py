@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -76,17 +77,18 @@ def partition_of(sensors: np.ndarray, partition_size: int) -> np.ndarray:
     return (rank * partitions // len(ids))[inverse.reshape(-1)].astype(np.int32)
 
 
-def _checked_rows(readings, celsius, codes, sensors: int, *, with_celsius: bool = True):
-    """The rows as float64 and int64 arrays of one length, codes in 0..sensors - 1, values finite."""
+def _checked_rows(sensors: int, readings, codes, celsius=None):
+    """readings (float64), codes (int64) and celsius (float64, if given) as arrays of one length,
+    codes in 0..sensors - 1, values finite."""
     readings, codes = np.asarray(readings, dtype=np.float64).reshape(-1), np.asarray(codes).reshape(-1)
-    celsius = np.asarray(celsius, dtype=np.float64).reshape(-1) if with_celsius else readings
-    if len(celsius) != len(readings) or len(codes) != len(readings):
-        raise InvalidInput(f"readings, celsius and codes must have one length; got {len(readings)}, {len(celsius)}, {len(codes)}")
+    columns = [readings] if celsius is None else [readings, np.asarray(celsius, dtype=np.float64).reshape(-1)]
+    if any(len(column) != len(codes) for column in columns):
+        raise InvalidInput(f"readings, celsius and codes must have one length; got {[len(c) for c in columns]} and {len(codes)}")
     if not np.issubdtype(codes.dtype, np.integer) or (len(codes) and (codes.min() < 0 or codes.max() >= sensors)):
         raise InvalidInput(f"codes must be integers in 0..{sensors - 1}, one sensor index per row")
-    if not (np.isfinite(readings).all() and np.isfinite(celsius).all()):
+    if not all(np.isfinite(column).all() for column in columns):
         raise InvalidInput("readings and celsius must be finite numbers")
-    return readings, celsius, codes.astype(np.int64)
+    return readings, codes.astype(np.int64), columns[-1] if celsius is not None else None
 
 
 def _check_settings(settings: CalibrationSettings) -> None:
@@ -99,93 +101,117 @@ def _check_settings(settings: CalibrationSettings) -> None:
         raise InvalidInput(f"a fleet calibration cannot take {'; '.join(named)}")
 
 
+@dataclass(frozen=True)
+class _Padded:
+    """Some rows of each sensor of a batch (its training or its validation rows), padded: (B, m) each."""
+
+    mask: np.ndarray  # bool: a real row, not padding
+    raw: np.ndarray  # readings, float64, 0 in the padding (finite, so that weight 0 leaves them out)
+    x: np.ndarray  # normalized readings
+    y: np.ndarray  # °C
+
+    def take(self, keep: np.ndarray) -> _Padded:
+        return _Padded(self.mask[keep], self.raw[keep], self.x[keep], self.y[keep])
+
+
+def _padded(rows, batch, positions, readings, celsius, shift, factor) -> _Padded:
+    mask, raw, y = gather(rows, batch, positions, readings, celsius)
+    return _Padded(mask, raw, np.where(mask, (raw - shift[batch, None]) * factor[batch, None], 0.0), y)
+
+
 def train_sensors(readings, celsius, codes, sensors, settings: CalibrationSettings) -> dict:
     """Calibrate one partition's sensors, all in one batched training (the returned fields: the module docstring).
 
     readings, celsius: (N,) float64, the partition's rows in file order; codes: (N,) each row's
     sensor as an index into `sensors` (S ids). Failed sensors are in `failed`, not raised.
     """
-    import torch
-
-    from tasks.batched import train_batched
-    from tasks.train import Stopping
     from tasks.uncertainty import analytic_uncertainties
 
     _check_settings(settings)
     sensors = [str(s) for s in sensors]
-    readings, celsius, codes = _checked_rows(readings, celsius, codes, len(sensors))
-    S, model, lr = len(sensors), make_model(settings.model), settings.learning_rate
+    readings, codes, celsius = _checked_rows(len(sensors), readings, codes, celsius)
+    S, model = len(sensors), make_model(settings.model)
     rows = group_rows(codes, S)
     reasons: dict[int, str] = {}  # sensor index -> why it is not calibrated
-
     needed = rows_needed(settings.val_fraction)
-    few = rows.counts < needed
-    for s in np.flatnonzero(few):
+    splittable = rows.counts >= needed
+    constant = splittable & never_vary(readings, codes, rows)
+    for s in np.flatnonzero(~splittable):
         reasons[s] = f"{rows.counts[s]} row(s); the split needs at least {needed}"
-    constant = ~few & never_vary(readings, codes, rows)
     for s in np.flatnonzero(constant):
         reasons[s] = f"every reading is {readings[rows.order[rows.starts[s]]]:g}; a calibration needs readings that vary"
     shift, factor = normalizer_stats(readings, codes, rows.counts, settings.normalize, settings.scale)
-    train_pos, val_pos = split_positions(np.where(few, 0, rows.counts), settings.val_fraction, settings.seed)
+    train_pos, val_pos = split_positions(np.where(splittable, rows.counts, 0), settings.val_fraction, settings.seed)
     is_validation = np.zeros(len(codes), dtype=bool)
     is_validation[rows.order[(rows.starts[:, None] + val_pos)[val_pos >= 0]]] = True
 
-    batch = np.flatnonzero(~few & ~constant)
-    mask, raw_train, y_train = gather(rows, batch, train_pos[batch], readings, celsius)
+    batch = np.flatnonzero(splittable & ~constant)
+    train = _padded(rows, batch, train_pos[batch], readings, celsius, shift, factor)
     need = model.size if model.linear_in_params else 2  # a network through one reading is a constant
-    enough, distinct = distinct_at_least(raw_train, mask, need)
+    enough, distinct = distinct_at_least(train.raw, train.mask, need)
     for i in np.flatnonzero(~enough):
         reasons[batch[i]] = f"its training rows hold only {distinct[i]} different reading(s); {model.spec} needs {need}"
-    batch, mask, raw_train, y_train = batch[enough], mask[enough], raw_train[enough], y_train[enough]
-    x_train = np.where(mask, (raw_train - shift[batch, None]) * factor[batch, None], 0.0)
-    val_mask, raw_val, y_val = gather(rows, batch, val_pos[batch], readings, celsius)
-    x_val = np.where(val_mask, (raw_val - shift[batch, None]) * factor[batch, None], 0.0)
-    alpha, beta = fit_bases(x_train, mask, model.degree) if model.kind == "poly" else (None, None)
+    batch, train = batch[enough], train.take(enough)
+    val = _padded(rows, batch, val_pos[batch], readings, celsius, shift, factor)
+    alpha, beta = fit_bases(train.x, train.mask, model.degree) if model.kind == "poly" else (None, None)
+    result, seconds = _train_batch(model, train, val, alpha, beta, settings)
+    ok = np.array([reason != "diverged" for reason in result.stopped_by], dtype=bool)
+    for i in np.flatnonzero(~ok):
+        reasons[batch[i]] = (f"training diverged at epoch {result.diverged_at[i]} (strategy {settings.strategy}, "
+                             f"lr {settings.learning_rate:g}); a smaller --lr may train it")
 
-    def features(x):  # what the model reads, computed in float64 and trained on in float32, as a single run does
-        return torch.from_numpy(basis_values(x, alpha, beta) if model.kind == "poly" else x).float()
-
-    result, seconds = None, 0.0
-    if len(batch):
-        has_val = val_mask.shape[1] > 0
-        started = time.perf_counter()
-        result = train_batched(
-            model, features(x_train), torch.from_numpy(y_train).float(), torch.from_numpy(mask).float(),
-            strategy=settings.strategy, lr=lr, epochs=settings.max_epochs, delta=settings.delta, optimizer=settings.optimizer,
-            stopping=Stopping(tol=settings.stopping_tol, patience=settings.patience, val_patience=settings.val_patience),
-            seed=settings.seed, f_val=features(x_val) if has_val else None,
-            y_val=torch.from_numpy(y_val).float() if has_val else None,
-            weights_val=torch.from_numpy(val_mask).float() if has_val else None)
-        seconds = time.perf_counter() - started
-    stopped_by = np.array(result.stopped_by if result else [], dtype=object)
-    diverged = stopped_by == "diverged"
-    for i in np.flatnonzero(diverged):
-        reasons[batch[i]] = (f"training diverged at epoch {result.diverged_at[i]} (strategy {settings.strategy}, lr {lr:g}); "
-                             "a smaller --lr, or --normalize standard, trains it")
-
-    done = batch[~diverged]
-    calibrated = np.isin(np.arange(S), done)
-    low, high = np.where(mask, raw_train, np.inf).min(1), np.where(mask, raw_train, -np.inf).max(1)
+    done = batch[ok]
+    calibrated = np.zeros(S, dtype=bool)
+    calibrated[done] = True
+    low = np.where(train.mask, train.raw, np.inf).min(axis=1, initial=np.inf)
+    high = np.where(train.mask, train.raw, -np.inf).max(axis=1, initial=-np.inf)
     out = {"sensors": sensors, "spec": model.spec, "normalize": settings.normalize, "calibrated": calibrated,
-           "params": _spread(S, done, result.params[~diverged] if result else np.zeros((0, model.size)), np.float32),
+           "params": _spread(S, done, result.params[ok], np.float32),
            "shift": np.where(calibrated, shift, np.nan), "factor": np.where(calibrated, factor, np.nan),
-           "range": _spread(S, done, np.stack([low, high], 1)[~diverged]),
+           "range": _spread(S, done, np.stack([low, high], axis=1)[ok]),
            "uncertainty": None,
-           "epochs_run": _spread(S, batch, result.epochs_run if result else np.zeros(0), np.int64, fill=0),
-           "stopped_by": _spread(S, batch, stopped_by, object, fill=None).tolist(),
-           "train_loss": _spread(S, batch, result.train_loss[np.arange(len(batch)), result.epochs_run - 1] if result else np.zeros(0),
-                                 np.float32),
+           "epochs_run": _spread(S, batch, result.epochs_run, np.int64, fill=0),
+           "stopped_by": _spread(S, batch, np.array(result.stopped_by, dtype=object), object, fill=None).tolist(),
+           "train_loss": _spread(S, batch, result.train_loss[np.arange(len(batch)), result.epochs_run - 1], np.float32),
            "is_validation": is_validation,
            "failed": [{"sensor": sensors[s], "reason": reasons[s]} for s in sorted(reasons)],
            "seconds": seconds}
     if model.kind == "poly":
-        out["alpha"], out["beta"] = _spread(S, done, alpha[~diverged]), _spread(S, done, beta[~diverged])
+        out["alpha"], out["beta"] = _spread(S, done, alpha[ok]), _spread(S, done, beta[ok])
     if model.linear_in_params:
-        design = design_values(model, x_train, alpha, beta) * mask[..., None]  # padding rows: zero rows
-        fields = analytic_uncertainties(design, result.params if result else np.zeros((0, model.size)), y_train, mask.sum(1))
-        out["uncertainty"] = {"method": fields.pop("method"), "dof": _spread(S, done, fields.pop("dof")[~diverged], np.int64, fill=0),
-                              **{k: _spread(S, done, v[~diverged]) for k, v in fields.items()}}
+        design = design_values(model, train.x, alpha, beta) * train.mask[..., None]  # padding rows: zero rows
+        fields = analytic_uncertainties(design, result.params, train.y, train.mask.sum(axis=1))
+        out["uncertainty"] = {"method": fields["method"], "dof": _spread(S, done, fields["dof"][ok], np.int64, fill=0),
+                              **{k: _spread(S, done, fields[k][ok]) for k in ("residual_sd", "t95", "gram_inverse", "covariance_theta")}}
     return out
+
+
+def _train_batch(model: Model, train: _Padded, val: _Padded, alpha, beta, settings: CalibrationSettings):
+    """The batch's one train_batched call, and its seconds; a result of no models for an empty batch."""
+    import torch
+
+    from tasks.batched import BatchedResult, train_batched
+    from tasks.train import Stopping
+
+    if not len(train.mask):
+        return BatchedResult(np.zeros((0, model.size), np.float32), np.zeros((0, 1), np.float32), None, np.zeros(0, np.int64),
+                             [], np.zeros(0, np.int64)), 0.0
+
+    def tensor(values):
+        return torch.from_numpy(values).float()
+
+    def features(x):  # what the model reads, computed in float64 and trained on in float32, as a single run does
+        return tensor(basis_values(x, alpha, beta) if model.kind == "poly" else x)
+
+    has_val = val.mask.shape[1] > 0
+    started = time.perf_counter()
+    result = train_batched(
+        model, features(train.x), tensor(train.y), tensor(train.mask), strategy=settings.strategy, lr=settings.learning_rate,
+        epochs=settings.max_epochs, delta=settings.delta, optimizer=settings.optimizer,
+        stopping=Stopping(tol=settings.stopping_tol, patience=settings.patience, val_patience=settings.val_patience),
+        seed=settings.seed, f_val=features(val.x) if has_val else None, y_val=tensor(val.y) if has_val else None,
+        weights_val=tensor(val.mask) if has_val else None)
+    return result, time.perf_counter() - started
 
 
 def _spread(S: int, sensors: np.ndarray, values, dtype=np.float64, fill=np.nan) -> np.ndarray:
@@ -226,7 +252,7 @@ def _number(value) -> float | None:
 
 def infer_sensors(readings, codes, trained: dict) -> np.ndarray:
     """°C per row (float32) through its own sensor's calibration, computed in float64; NaN for failed sensors."""
-    readings, _, codes = _checked_rows(readings, None, codes, len(trained["sensors"]), with_celsius=False)
+    readings, codes, _ = _checked_rows(len(trained["sensors"]), readings, codes)
     return forward_rows(make_model(trained["spec"]), trained, readings, codes).astype(np.float32)
 
 
@@ -241,7 +267,7 @@ def validate_sensors(readings, celsius, codes, trained: dict) -> pd.DataFrame:
     lists None.
     """
     S = len(trained["sensors"])
-    readings, celsius, codes = _checked_rows(readings, celsius, codes, S)
+    readings, codes, celsius = _checked_rows(S, readings, codes, celsius)
     is_val = np.asarray(trained["is_validation"], dtype=bool)
     if len(is_val) != len(codes):
         raise InvalidInput(f"these are {len(codes)} rows; the partition was trained on {len(is_val)}")

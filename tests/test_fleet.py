@@ -151,6 +151,8 @@ def test_sensors_that_cannot_be_calibrated_are_reported_and_the_rest_calibrate()
         fleet_calibration(trained, "sensor-2")
     with pytest.raises(InvalidInput, match="no sensor 'sensor-9'"):
         fleet_calibration(trained, "sensor-9")
+    nothing = train_sensors(readings[codes == 1], celsius[codes == 1], np.zeros(3, dtype=int), ["sensor-1"], settings)
+    assert nothing["failed"] == trained["failed"][:1] and nothing["epochs_run"].tolist() == [0] and nothing["seconds"] == 0.0
 
 
 def test_too_few_different_training_readings_for_the_polynomial_fail_that_sensor():
