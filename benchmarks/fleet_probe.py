@@ -9,9 +9,10 @@ as a logger file has them) is calibrated both ways, alternately, `--reps` times:
 
 It prints each time, their medians, and how close the calibrations are to float64 least squares
 (validate_sensors' gap_to_optimum; slopes against polyfit's, which fit every row, so only roughly).
-Run from the repository root:
+The first repetition also pays for importing torch (in the first train_sensors call). Run from
+the repository root:
 
-    python benchmarks/fleet_probe.py --sensors 10000 --rows 1000 --partition 1000 --reps 3
+    python benchmarks/fleet_probe.py --sensors 10000 --rows 1000 --partition 1000 --reps 3 [--threads 1]
 """
 
 import argparse
@@ -25,7 +26,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.fleet import partition_of, train_sensors, validate_sensors  # noqa: E402
+from tasks.fleet import infer_sensors, partition_of, train_sensors, validate_sensors  # noqa: E402
 from tasks.settings import CalibrationSettings  # noqa: E402
 
 
@@ -69,7 +70,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--partition", type=int, default=1000)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for the whole process (default: torch's own); "
+                        "on a machine whose other processes keep the cores busy, 1 is several times faster (tasks/batched.py)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     df = make_fleet(args.sensors, args.rows)
     settings = CalibrationSettings()
     print(f"{args.sensors} sensors x {args.rows} rows = {len(df)} rows; partitions of {args.partition}")
@@ -93,6 +100,10 @@ def main() -> None:
     started = time.perf_counter()
     tables = [validate_sensors(r, c, k, t) for (r, c, k, _), t in zip(parts, trained)]
     print(f"validate_sensors, all partitions: {time.perf_counter() - started:.2f} s")
+    started = time.perf_counter()
+    for (r, _, k, _), t in zip(parts, trained):
+        infer_sensors(r, k, t)
+    print(f"infer_sensors, all partitions: {time.perf_counter() - started:.2f} s")
     table = pd.concat(tables, ignore_index=True)
     gap = table["gap_to_optimum"].to_numpy()
     print(f"calibrated {int((table['status'] == 'calibrated').sum())} of {len(table)}; epochs_run median "

@@ -226,7 +226,7 @@ def fleet_calibration(trained: dict, sensor: str) -> Calibration:
     """One sensor's calibration from a partition's training (`thermocal predict --sensor`);
     InvalidInput naming the reason if it is unknown or was not calibrated."""
     try:
-        s = trained["sensors"].index(sensor)
+        s = list(trained["sensors"]).index(sensor)
     except ValueError:
         raise InvalidInput(f"no sensor {sensor!r} among the {len(trained['sensors'])} sensors of this partition") from None
     if not trained["calibrated"][s]:

@@ -36,10 +36,13 @@ def group_rows(codes: np.ndarray, sensors: int) -> Rows:
 
 
 def never_vary(readings: np.ndarray, codes: np.ndarray, rows: Rows) -> np.ndarray:
-    """(S,) bool: every reading of the sensor equals its first (compared exactly: the standard
-    deviation of equal readings can round to a tiny positive number)."""
-    first = readings[rows.order[np.minimum(rows.starts, len(codes) - 1)]] if len(codes) else np.zeros(len(rows.counts))
-    return np.bincount(codes, readings != first[codes], minlength=len(rows.counts)) == 0
+    """(S,) bool: every reading of the sensor equals its first (or it has none). Compared exactly,
+    as ingest's check that the readings' min < max: the standard deviation of equal readings can
+    round to a tiny positive number (3.6e-15 for ten readings of 25.3)."""
+    first = np.zeros(len(rows.counts))
+    some = rows.counts > 0
+    first[some] = readings[rows.order[rows.starts[some]]]
+    return np.bincount(codes, readings != first[codes], minlength=len(first)) == 0
 
 
 def normalizer_stats(readings: np.ndarray, codes: np.ndarray, counts: np.ndarray, method: str,
@@ -122,8 +125,8 @@ def design_values(model: Model, x: np.ndarray, alpha: np.ndarray | None, beta: n
 
 def raw_maps(model: Model, shift: np.ndarray, factor: np.ndarray, alpha: np.ndarray | None,
              beta: np.ndarray | None) -> np.ndarray:
-    """(S, P, K + 1) maps A with each sensor's raw-unit coefficients theta @ A[s] (ascending powers
-    of the raw reading), for a model linear in its parameters: its raw_coefficients for every sensor."""
+    """(S, P, P) maps A with each sensor's raw-unit coefficients theta @ A[s] (ascending powers of
+    the raw reading), for a model linear in its parameters: its raw_coefficients for every sensor."""
     S = len(shift)
     if model.kind == "linear":  # theta = (w, b): w multiplies x, b a constant
         in_x = np.broadcast_to(np.array([[0.0, 1.0], [1.0, 0.0]]), (S, 2, 2))
@@ -146,10 +149,11 @@ def raw_maps(model: Model, shift: np.ndarray, factor: np.ndarray, alpha: np.ndar
 
 def forward_rows(model: Model, trained: dict, readings: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """Every row through its own sensor's calibration, in float64 (NaN for failed sensors): the
-    model's forward with one parameter row per reading, in slices of at most SLICE_ROWS numbers a column."""
+    model's forward with one parameter row per reading, in slices of rows whose gathered parameters
+    and the network's hidden layer hold about SLICE_ROWS numbers."""
     params, shift, factor = trained["params"].astype(np.float64), trained["shift"], trained["factor"]
     alpha, beta = trained.get("alpha"), trained.get("beta")
-    rows = max(1, SLICE_ROWS // (model.size * model.width))
+    rows = max(1, SLICE_ROWS // (model.size + model.width))
     out = np.empty(len(readings))
     for start in range(0, len(readings), rows):
         part = slice(start, start + rows)
