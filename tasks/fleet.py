@@ -123,12 +123,15 @@ def train_sensors(readings, celsius, codes, sensors, settings: CalibrationSettin
     """Calibrate one partition's sensors, all in one batched training (the returned fields: the module docstring).
 
     readings, celsius: (N,) float64, the partition's rows in file order; codes: (N,) each row's
-    sensor as an index into `sensors` (S ids). Failed sensors are in `failed`, not raised.
+    sensor as an index into `sensors` (S distinct ids). Failed sensors are in `failed`, not raised.
+    The batch is padded to the partition's longest sensor: its arrays are S x that sensor's rows.
     """
     from tasks.uncertainty import analytic_uncertainties
 
     _check_settings(settings)
     sensors = [str(s) for s in sensors]
+    if len(set(sensors)) != len(sensors):
+        raise InvalidInput("sensors must be distinct ids: codes index them")
     readings, codes, celsius = _checked_rows(len(sensors), readings, codes, celsius)
     S, model = len(sensors), make_model(settings.model)
     rows = group_rows(codes, S)

@@ -90,10 +90,11 @@ def assert_as_alone(trained, readings, celsius, codes, settings, sensors, atol=1
             assert calibration.uncertainty is None
             continue
         assert calibration.uncertainty["dof"] == single.uncertainty["dof"]
-        for name in ("residual_sd", "t95"):
-            assert calibration.uncertainty[name] == pytest.approx(single.uncertainty[name], rel=1e-5)
-        for name in ("gram_inverse", "covariance_theta"):
-            np.testing.assert_allclose(calibration.uncertainty[name], single.uncertainty[name], rtol=1e-5, atol=1e-12)
+        for name in ("residual_sd", "t95", "gram_inverse", "covariance_theta"):  # None without a degree of freedom
+            mine, theirs = calibration.uncertainty[name], single.uncertainty[name]
+            assert (mine is None) == (theirs is None)
+            if theirs is not None:
+                np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-12)
         np.testing.assert_allclose(calibration.coefficients, single.coefficients, rtol=1e-4, atol=1e-6)
 
 
@@ -119,6 +120,16 @@ def test_the_default_settings_stop_each_sensor_as_alone_at_the_optimum(spec):
     assert_as_alone(trained, readings, celsius, codes, settings, range(4))
     table = validate_sensors(readings, celsius, codes, trained)
     assert (table["gap_to_optimum"] <= 1e-6).all()
+
+
+def test_without_a_split_each_sensor_trains_on_all_its_rows_as_alone():
+    readings, celsius, codes, ids = make_fleet([2, 15, 40])  # two rows are enough without validation rows
+    settings = CalibrationSettings(val_fraction=0)
+    trained = train_sensors(readings, celsius, codes, ids, settings)
+    assert trained["failed"] == [] and not trained["is_validation"].any()
+    assert_as_alone(trained, readings, celsius, codes, settings, range(3))
+    table = validate_sensors(readings, celsius, codes, trained)
+    assert table["val_rows"].tolist() == [0, 0, 0] and table["val_loss"].isna().all()
 
 
 def test_sensors_that_cannot_be_calibrated_are_reported_and_the_rest_calibrate():
@@ -222,6 +233,8 @@ def test_what_a_fleet_cannot_do_as_a_single_run_is_refused():
         train_sensors(readings, celsius, codes, ids, CalibrationSettings(batch_size=4))
     with pytest.raises(InvalidInput, match="codes must be integers in 0..1"):
         train_sensors(readings, celsius, codes + 1, ids, CalibrationSettings())
+    with pytest.raises(InvalidInput, match="distinct ids"):
+        train_sensors(readings, celsius, codes, ["a", "a"], CalibrationSettings())
     trained = train_sensors(readings, celsius, codes, ids, CalibrationSettings())
     with pytest.raises(InvalidInput, match="trained on 40"):
         validate_sensors(readings[:-1], celsius[:-1], codes[:-1], trained)
