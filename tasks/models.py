@@ -205,13 +205,7 @@ class Poly(Model):
     def _basis(self, x, one, zero) -> list:
         """P_0 ... P_K by the recurrence, for x of any type with arithmetic: a tensor of readings, or
         numpy's Polynomial of x itself (which gives each P_k's coefficients in powers of x)."""
-        basis, previous = [one], zero
-        for k in range(self.degree):
-            beta_k = float(self.beta[k - 1]) if k > 0 else 0.0
-            following = ((x - float(self.alpha[k])) * basis[-1] - beta_k * previous) / float(self.beta[k])
-            previous = basis[-1]
-            basis.append(following)
-        return basis
+        return orthonormal_basis(x, one, zero, [float(a) for a in self.alpha], [float(b) for b in self.beta])
 
     def features(self, x):
         """P_0(x) ... P_K(x) as columns, shape (n, K + 1) (or (B, n, K + 1) for readings (B, n)), in x's dtype."""
@@ -311,6 +305,19 @@ class MLP(Model):
         H = self.hidden
         bounds = torch.cat([torch.ones(2 * H), torch.full((H + 1,), 1.0 / math.sqrt(H))])
         return (torch.rand(3 * H + 1, generator=generator) * 2.0 - 1.0) * bounds
+
+
+def orthonormal_basis(x, one, zero, alpha, beta) -> list:
+    """Poly's P_0 ... P_K of x by the three-term recurrence with the constants alpha[k], beta[k]
+    (K of each): numbers (one fitted model), or arrays broadcasting against x (a fleet's rows, each
+    with its own sensor's constants, tasks.fleet)."""
+    basis, previous = [one], zero
+    for k in range(len(alpha)):
+        beta_k = beta[k - 1] if k > 0 else 0.0
+        following = ((x - alpha[k]) * basis[-1] - beta_k * previous) / beta[k]
+        previous = basis[-1]
+        basis.append(following)
+    return basis
 
 
 def _design_forward(theta, X):

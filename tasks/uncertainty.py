@@ -318,3 +318,22 @@ def bootstrap_uncertainty(model: Model, theta: np.ndarray, x: np.ndarray, y: np.
     s = math.sqrt(float((errors * errors).sum()) / count) if count else None
     return {"method": "bootstrap", "residual_sd": s, "dof": n - 1, "t95": coverage_t(n - 1) if s is not None else None,
             "bootstrap": out, "oob_residual": oob_residual}
+
+
+def analytic_uncertainties(design: np.ndarray, theta: np.ndarray, y: np.ndarray, rows: np.ndarray) -> dict:
+    """analytic_uncertainty for B models at once (a fleet's sensors, tasks.fleet), its fields as
+    arrays over the models: each model's design matrix (B, n, p) and °C (B, n) in float64, zero
+    in the rows that pad it to n, `rows` (B,) its real row count. Without a degree of freedom
+    (rows <= p), residual_sd, t95 and covariance_theta are NaN."""
+    from scipy.special import stdtrit
+
+    theta = np.asarray(theta, dtype=np.float64)
+    gram = np.matmul(design.transpose(0, 2, 1), design)  # padding rows add 0
+    residual = np.matmul(design, theta[:, :, None])[..., 0] - y
+    dof = np.asarray(rows) - design.shape[2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s2 = np.where(dof > 0, np.einsum("bn,bn->b", residual, residual) / dof, np.nan)
+    inverse = np.linalg.pinv(gram, hermitian=True)
+    t95 = np.where(dof > 0, stdtrit(np.maximum(dof, 1), 0.5 + COVERAGE / 2), np.nan)
+    return {"method": "analytic", "residual_sd": np.sqrt(s2), "dof": dof, "t95": t95, "gram_inverse": inverse,
+            "covariance_theta": s2[:, None, None] * inverse}

@@ -316,3 +316,17 @@ def test_bad_inputs_name_the_mistake(standardized):
         train_batched(Linear(), x, y, torch.ones(2, 11), initial=torch.zeros(3, 2), **options)
     with pytest.raises(InvalidInput, match="unknown strategy"):
         train_batched(Linear(), x, y, torch.ones(2, 11), **{**options, "strategy": "newton"})
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+def test_the_analytic_step_reaches_the_float32_optimum_as_one_training_does(per_model):
+    # many rows far from 0 (°C about 70) and little noise: near the optimum each row's share of the
+    # step is below half an ulp of the parameters, which a step fused into the gradient's product
+    # (addmm into theta) rounds away, stalling a dozen ulps short
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(800, generator=g)
+    y = 35.0 * x + 69.0 + 0.05 * torch.randn(800, generator=g)
+    options = dict(strategy="analytic", lr=0.5, epochs=60)
+    single = train_model(x, y, None, None, **options)
+    result = train_batched(Linear(), torch.stack([x, x]) if per_model else x, y, torch.ones(2, 800), **options)
+    np.testing.assert_array_max_ulp(result.params, np.stack([single.params] * 2), maxulp=2)
