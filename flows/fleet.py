@@ -120,19 +120,23 @@ async def run_partitions(s: Store, ingest: StageRun, settings: CalibrationSettin
     return partitions
 
 
-def stage_totals(ingest: StageRun, partitions: list[Partition], report: StageRun) -> dict:
-    """The run's stages as a single run reports them. Training's seconds: from the first computed
-    partition's training start to the last one's end, as the partitions reported them (0 when all
-    were cached); validate and infer: the sum of their task runs' wall time."""
-    computed = [p.train for p in partitions if not p.train.cached]
-    span = (max(r.ref["summary"]["ended"] for r in computed) - min(r.ref["summary"]["started"] for r in computed)) if computed else 0.0
+def _span(runs: list[StageRun]) -> float:
+    """From the first computed run's start to the last one's end, as the task bodies reported them
+    (their wall clocks: partitions run side by side, so their seconds do not add up); 0 when all were cached."""
+    computed = [r.ref["summary"] for r in runs if not r.cached]
+    return max(c["ended"] for c in computed) - min(c["started"] for c in computed) if computed else 0.0
 
-    def total(name: str, seconds: float | None = None) -> dict:
+
+def stage_totals(ingest: StageRun, partitions: list[Partition], report: StageRun) -> dict:
+    """The run's stages as a single run reports them; train, validate and infer over all partitions
+    (`path`: the stage's folder, `seconds`: the span of its computed partitions, see _span)."""
+
+    def total(name: str) -> dict:
         runs = [getattr(p, name) for p in partitions]
         return {"ref": {**runs[0].ref, "path": str(Path(runs[0].ref["path"]).parent.parent)}, "cached": all(r.cached for r in runs),
-                "seconds": sum(r.seconds for r in runs) if seconds is None else seconds}
+                "seconds": _span(runs)}
 
-    return {"ingest": {"ref": ingest.ref, "cached": ingest.cached, "seconds": ingest.seconds}, "train": total("train", span),
+    return {"ingest": {"ref": ingest.ref, "cached": ingest.cached, "seconds": ingest.seconds}, "train": total("train"),
             "validate": total("validate"), "infer": total("infer"),
             "report": {"ref": report.ref, "cached": report.cached, "seconds": report.seconds}}
 

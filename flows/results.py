@@ -91,7 +91,7 @@ def _calibration_cell(row: dict) -> str:
 def sensor_calibration(store, manifest: dict, sensor: str) -> dict:
     """One sensor's calibration record from a fleet run; StoreError naming the run when it has none."""
     from tasks.errors import StoreError
-    from tasks.fleet_record import calibrations_of
+    from tasks.runs import calibrations_of
 
     calibrations = calibrations_of(store, manifest)
     if sensor in calibrations:
@@ -137,22 +137,9 @@ def runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plain(value):
-    """A table cell as JSON takes it: numpy scalars and arrays as Python numbers and lists, NaN as null."""
-    import math
-
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def sensors(args: argparse.Namespace) -> int:
     """A fleet run's per-sensor results: counts and the worst sensors, or every sensor as JSON."""
-    from tasks.fleet_report import worst_sensors
+    from tasks.fleet_report import plain, worst_sensors
     from tasks.fleet_stages import TABLE_FIELDS
     from tasks.runs import choose_run
     from tasks.store import Store
@@ -161,7 +148,7 @@ def sensors(args: argparse.Namespace) -> int:
     manifest, warnings = choose_run(store, args.run_id, args.data, fleet=True)
     report = {"stage": "fleet-report", **manifest["stages"]["report"]}
     table = store.load(report)
-    rows = [{field: _plain(row[field]) for field in (*TABLE_FIELDS, "residual_sd")} for row in table.to_dict(orient="records")]
+    rows = [{field: plain(row[field]) for field in (*TABLE_FIELDS, "residual_sd")} for row in table.to_dict(orient="records")]
     for warning in warnings:
         print(f"thermocal: warning: {warning}", file=sys.stderr)
     if args.json:

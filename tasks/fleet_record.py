@@ -10,39 +10,11 @@ from pathlib import Path
 from prefect.runtime import flow_run
 
 from tasks.errors import StoreError
-from tasks.fleet_report import artifact_rows, worst_sensors
+from tasks.fleet_report import artifact_rows, plain, worst_sensors
+from tasks.runs import baseline_manifest, calibrations_of
 from tasks.record import manifest_identity
 from tasks.staging import threaded_task
 from tasks.store import Store
-
-
-def single_sensor_id(data: str) -> str:
-    """A single-sensor run's sensor, for drift and its events: the data file's name without suffix."""
-    return Path(data).stem
-
-
-def is_fleet(manifest: dict) -> bool:
-    return "fleet" in manifest.get("results", {})
-
-
-def baseline_manifest(store: Store, data: str, baseline: str | None, current: str) -> dict | None:
-    """The run to compare with: `baseline` when given (any data file), else the latest earlier run
-    of the same data file in the store; None when there is none."""
-    if baseline is not None:
-        return store.manifest(baseline)
-    earlier = [m for m in store.manifests() if m["run_id"] != current and Path(m["data"]["path"]) == Path(data)]
-    return earlier[-1] if earlier else None
-
-
-def calibrations_of(store: Store, manifest: dict) -> dict[str, dict]:
-    """A run's calibrations as {sensor: Calibration record}: a fleet's every calibrated sensor, a
-    single run's one (named by its data file)."""
-    stages = manifest["stages"]
-    if is_fleet(manifest):
-        report = {"stage": "fleet-report", **stages["report"]}
-        return store.load(store.file_ref(report, "calibrations.joblib"))
-    trained = store.load({"stage": "train", **stages["train"]})
-    return {single_sensor_id(manifest["data"]["path"]): trained["model"]}
 
 
 def drift_since(store: Store, data: str, baseline: str | None, run_id: str, current: dict[str, dict],
@@ -88,7 +60,7 @@ def record_fleet(store: str, data: str, data_sha256: str, settings: dict, effect
     s = Store(store)
     report = stages["report"]["ref"]
     table = s.load({"stage": "fleet-report", **{k: report[k] for k in ("path", "sha256")}})
-    rows = table.to_dict(orient="records")
+    rows = [{k: plain(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
     current = s.load(s.file_ref(report, "calibrations.joblib"))
     drift, compared_with = drift_since(s, data, baseline, run_id, current, settings["drift_threshold"])
     calibrated = sum(1 for r in rows if r["status"] == "calibrated")
@@ -101,7 +73,7 @@ def record_fleet(store: str, data: str, data_sha256: str, settings: dict, effect
         "sensors_failed": failed,
         "drift": drift,
         "drift_baseline": compared_with,
-        "worst_sensors": [{k: r[k] for k in ("sensor", "residual_sd", "coefficients", "val_loss")} for r in worst_sensors(rows)],
+        "worst_sensors": [{k: r[k] for k in ("sensor", "residual_sd", "coefficients", "val_loss", "gap_to_optimum")} for r in worst_sensors(rows)],
         "worst_table": artifact_rows(rows),
         "train_loss": _median(r["train_loss"] for r in rows), "val_loss": _median(r["val_loss"] for r in rows),
         "stages": {name: {"path": str(s.path(run["ref"]["path"])), "cached": run["cached"], "seconds": run["seconds"]}

@@ -17,6 +17,17 @@ def _finite(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def plain(value):
+    """A table cell as JSON takes it: numpy scalars and arrays as Python numbers and lists, NaN as None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def slope_of(coefficients) -> float | None:
     """°C per reading at the calibration's linear term (c1); None without coefficients (the network)."""
     if coefficients is None or len(coefficients) < 2:

@@ -89,10 +89,11 @@ def train_partition(store: str, key: str, ingest: dict, partition: dict, setting
     started = time.time()
     trained = train_sensors(part["reading"], part["celsius"], part["codes"], part["sensors"], CalibrationSettings(**settings))
     ended = time.time()
+    batched = trained.pop("seconds")  # a timing, not data: the same inputs give byte-identical files
     failed = trained["failed"]
     get_run_logger().info("partition %s: %d sensors, %d calibrated, %d failed, trained in %.2f s", partition["name"],
                           partition["sensors"], partition["sensors"] - len(failed), len(failed), ended - started)
-    summary = {"partition": partition["name"], "sensors": partition["sensors"], "failed": failed,
+    summary = {"partition": partition["name"], "sensors": partition["sensors"], "failed": failed, "batched_seconds": batched,
                "started": started, "ended": ended}  # wall-clock times, so the flow can tell the fleet's training span
     return s.write_stage("fleet-train", key, {"train.joblib": joblib_file(trained)}, summary)
 
@@ -102,10 +103,11 @@ def validate_partition(store: str, key: str, ingest: dict, partition: dict, trai
     """Per sensor: losses in float64, the gap to its least-squares optimum, its residual SD."""
     from tasks.fleet import validate_sensors
 
-    s = Store(store)
+    s, started = Store(store), time.time()
     part, trained = _part(s, ingest, partition), s.load(train)
     table = validate_sensors(part["reading"], part["celsius"], part["codes"], trained)
-    return s.write_stage("fleet-validate", key, {"validate.joblib": joblib_file(table)}, {"partition": partition["name"]})
+    summary = {"partition": partition["name"], "started": started, "ended": time.time()}
+    return s.write_stage("fleet-validate", key, {"validate.joblib": joblib_file(table)}, summary)
 
 
 @stage("fleet-infer", ("tasks.fleet_stages", *FLEET_MODULES))
@@ -115,7 +117,7 @@ def infer_partition(store: str, key: str, ingest: dict, partition: dict, train: 
 
     from tasks.fleet import infer_sensors
 
-    s = Store(store)
+    s, started = Store(store), time.time()
     part, trained = _part(s, ingest, partition), s.load(train)
     fitted = infer_sensors(part["reading"], part["codes"], trained)
     table = pd.DataFrame({"sensor": pd.Categorical.from_codes(part["codes"], categories=part["sensors"]),
@@ -123,7 +125,7 @@ def infer_partition(store: str, key: str, ingest: dict, partition: dict, train: 
     files = {"infer.joblib": joblib_file(table)}
     if len(table) <= READABLE_ROWS:
         files["predictions.csv"] = csv_file(table)
-    return s.write_stage("fleet-infer", key, files, {"partition": partition["name"]})
+    return s.write_stage("fleet-infer", key, files, {"partition": partition["name"], "started": started, "ended": time.time()})
 
 
 @stage("fleet-report", ("tasks.fleet_stages", "tasks.fleet_report", *FLEET_MODULES))

@@ -182,7 +182,8 @@ def record_run(
 def single_drift(s: Store, data: str, settings: dict, run_id: str, train: dict) -> tuple[list[dict], str | None]:
     """A single-sensor run's drift check against its baseline (tasks.fleet_record.drift_since);
     a baseline trained by the same train stage (a cached run) has not moved, and is not loaded."""
-    from tasks.fleet_record import baseline_manifest, drift_since, single_sensor_id
+    from tasks.fleet_record import drift_since
+    from tasks.runs import baseline_manifest, single_sensor_id
 
     baseline = settings.get("baseline")
     found = baseline_manifest(s, data, baseline, run_id)

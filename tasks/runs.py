@@ -96,6 +96,9 @@ def choose_run(store: Store, run_id: str | None, data: str | None, fleet: bool =
         return chosen, notes
     scope = f" of {Path(data).resolve()}" if data is not None else ""
     if not manifests:
+        other = [m for m in store.manifests() if _kind_refused(m, fleet) and (data is None or _same_file(m["data"]["path"], data))]
+        if other:  # runs of the other kind only: say how to use them
+            raise StoreError(_kind_refused(other[-1], fleet))
         missing = " (no such file)" if data is not None and not Path(data).exists() else ""
         kind = " of a fleet" if fleet else ""
         raise StoreError(f"no runs{kind}{scope}{missing} in {store.root}; run `thermocal run{' --data ' + data if data else ''}"
@@ -105,3 +108,32 @@ def choose_run(store: Store, run_id: str | None, data: str | None, fleet: bool =
         f"no run{scope} in {store.root} has a model to trust; the latest runs:\n{listed}\n"
         "train one that converges (`thermocal run`, the error above says what to change), or name one with --run ID to use it anyway"
     )
+
+
+def single_sensor_id(data: str) -> str:
+    """A single-sensor run's sensor, for drift and its events: the data file's name without suffix."""
+    return Path(data).stem
+
+
+def is_fleet(manifest: dict) -> bool:
+    return "fleet" in manifest.get("results", {})
+
+
+def baseline_manifest(store: Store, data: str, baseline: str | None, current: str) -> dict | None:
+    """The run to compare with: `baseline` when given (any data file), else the latest earlier run
+    of the same data file in the store; None when there is none."""
+    if baseline is not None:
+        return store.manifest(baseline)
+    earlier = [m for m in store.manifests() if m["run_id"] != current and Path(m["data"]["path"]) == Path(data)]
+    return earlier[-1] if earlier else None
+
+
+def calibrations_of(store: Store, manifest: dict) -> dict[str, dict]:
+    """A run's calibrations as {sensor: Calibration record}: a fleet's every calibrated sensor, a
+    single run's one (named by its data file)."""
+    stages = manifest["stages"]
+    if is_fleet(manifest):
+        report = {"stage": "fleet-report", **stages["report"]}
+        return store.load(store.file_ref(report, "calibrations.joblib"))
+    trained = store.load({"stage": "train", **stages["train"]})
+    return {single_sensor_id(manifest["data"]["path"]): trained["model"]}

@@ -31,8 +31,14 @@ RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
 _CHUNK = 1 << 20
 
 
+FLEET_STAGES = ("fleet-ingest", "fleet-train", "fleet-validate", "fleet-infer", "fleet-report")
+
+
 def stage_folder(stage: str) -> str:
-    """'train' -> '04_train': stage folders are numbered in pipeline order, as Kedro numbers its layers."""
+    """'train' -> '04_train', 'fleet-train' -> 'fleet/02_train': stage folders are numbered in
+    pipeline order, as Kedro numbers its layers; a fleet's stages have a folder of their own."""
+    if stage in FLEET_STAGES:
+        return f"fleet/{FLEET_STAGES.index(stage) + 1:02d}_{stage.removeprefix('fleet-')}"
     return f"{STAGES.index(stage) + 1:02d}_{stage}"
 
 
