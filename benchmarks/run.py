@@ -266,6 +266,62 @@ def bench_large_file(work: Path, env: dict) -> None:
            f"{runs[-1]['result']['epochs_run']} full-batch epochs, gap {runs[-1]['result']['gap_to_optimum']:.1e}", None)
 
 
+SENSORS = int(os.environ.get("BENCH_SENSORS", 10_000))
+
+# the obvious alternative to a fleet run's training: pandas groupby on the sensor and numpy.polyfit
+# per sensor (the file's reading excluded), and float64 least squares for every sensor's gap
+GROUPBY_POLYFIT = """
+import json, sys, time
+import numpy as np, pandas as pd
+frame = pd.read_csv(sys.argv[1], dtype={"sensor": str})
+started = time.perf_counter()
+fits = {s: np.polyfit(g["reading"].to_numpy(), g["celsius"].to_numpy(), 1) for s, g in frame.groupby("sensor", sort=False)
+        if g["reading"].nunique() > 1}
+print(json.dumps({"seconds": time.perf_counter() - started, "sensors": len(fits)}))
+"""
+
+
+def bench_fleet(work: Path, env: dict) -> None:
+    """A fleet of SENSORS sensors x 1000 readings: the run's training span against groupby + polyfit,
+    each calibration's gap to its least squares, and the run's extra peak memory."""
+    import pandas as pd
+
+    from tasks.synth import write_fleet
+
+    rows = SENSORS * 1000
+    path = CACHE / f"fleet-{SENSORS}x1000.csv"
+    if not path.exists():
+        write_fleet(path, SENSORS, rows, seed=0)
+    lean_mb = rows * (8 + 8 + 4) / 2**20  # two float64 columns and an int32 sensor code
+
+    def peak(data: Path, store: Path, *extra: str) -> dict:
+        _, done = wall([PYTHON, "-c", PEAK, THERMOCAL, "run", "--json", "--data", str(data), "--store", str(store), *extra], env)
+        measured = json.loads(done.stdout)
+        if measured["code"] != 0:
+            raise RuntimeError(measured["stderr"])
+        return {**measured, "result": json.loads(measured["stdout"])}
+
+    small = max(peak(SHIPPED, work / f"fleet-small-{i}")["peak_mb"] for i in range(2))
+    runs, references = [], []
+    for i in range(2):
+        runs.append(peak(path, work / f"fleet-{i}", "--sensor-column", "sensor"))
+        references.append(json.loads(wall([PYTHON, "-c", GROUPBY_POLYFIT, str(path)], env)[1].stdout)["seconds"])
+    train = statistics.median(r["result"]["stages"]["train"]["seconds"] for r in runs)
+    reference = statistics.median(references)
+    result = runs[-1]["result"]
+    report(f"fleet of {SENSORS:,} sensors x 1,000 readings: training (`stages.train.seconds`)", f"{train:.2f} s",
+           f"pandas groupby + numpy.polyfit per sensor {reference:.2f} s", train / reference, 1.0)
+    table = pd.read_csv(result["sensors_table"])
+    calibrated = table[table["status"] == "calibrated"]
+    beyond = float((calibrated["gap_to_optimum"] > 1e-6).mean())
+    report("fleet: share of calibrated sensors whose gap to float64 least squares exceeds 1e-6",
+           f"{beyond:.3%} of {len(calibrated):,}", f"{result['fleet']['failed']} sensors failed (broken in the file)", beyond, 0.001, "{:.3%}")
+    extra = max(r["peak_mb"] for r in runs) - small
+    stages = ", ".join(f"{name} {stage['seconds']:.1f}" for name, stage in result["stages"].items())
+    report(f"fleet run: peak resident memory above a run on the shipped readings (stage seconds: {stages})", f"{extra:.0f} MB",
+           f"the lean table {lean_mb:.0f} MB", extra / lean_mb, 3.0)
+
+
 def main() -> int:
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
@@ -283,6 +339,7 @@ def main() -> int:
         bench_commands(work, env)
         bench_loops(work, env)
         bench_large_file(work, env)
+        bench_fleet(work, env)
     finally:
         for home in work.glob("*home*"):
             stop_servers(base_env(home))

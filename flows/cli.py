@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import types
 import typing
@@ -200,7 +201,12 @@ def _run(args: argparse.Namespace) -> int:
         from flows.calibrate import calibrate
 
         flow = calibrate
-        if settings.sensor_column is not None or args.dask or args.dask_address or args.sequential or args.workers:
+        if settings.sensor_column is not None:
+            # a fleet's partitions side by side, one per core, each on one torch thread: two threads per
+            # partition would only wait for each other (tasks/batched.py); set before torch is imported
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+            flow = calibrate.with_options(task_runner=_task_runner(args, os.cpu_count() or 1))
+        elif args.dask or args.dask_address or args.sequential or args.workers:
             flow = calibrate.with_options(task_runner=_task_runner(args, 4))
         summary = asyncio.run(flow(data=args.data, store=args.store, settings=settings, predict=args.predict))
     if args.json:

@@ -54,8 +54,9 @@ def ingest_fleet(store: str, key: str, data_sha256: str, reading_column: str, ce
     row_partition = partition[table["sensor"].to_numpy()]
     order = np.argsort(row_partition, kind="stable")  # rows grouped by partition, in file order within
     bounds = np.concatenate([[0], np.cumsum(np.bincount(row_partition, minlength=int(partition.max()) + 1))])
-    reading, celsius, code = (table[c].to_numpy()[order] for c in ("reading", "celsius", "sensor"))
-    del table, row_partition, order  # the sorted copies replace the table
+    # the sorted copies replace the table column by column: at most one column exists twice
+    reading, celsius, code = (table.pop(c).to_numpy()[order] for c in ("reading", "celsius", "sensor"))
+    del table, row_partition, order
     parts, files = [], {}
     for p in range(len(bounds) - 1):
         members = np.flatnonzero(partition == p)  # the partition's sensors by code: sorted ids
@@ -81,6 +82,10 @@ def _part(s: Store, ingest: dict, partition: dict) -> dict:
 def train_partition(store: str, key: str, ingest: dict, partition: dict, settings: dict) -> dict:
     """Every sensor of one partition trained at once (tasks.fleet.train_sensors); sensors that
     cannot be calibrated are listed with the reason, the others calibrated."""
+    # the libraries training uses, imported before its clock starts: their import is not training
+    import scipy.special  # noqa: F401 - Student's t of the uncertainty
+    import torch  # noqa: F401
+
     from tasks.fleet import train_sensors
     from tasks.settings import CalibrationSettings
 
