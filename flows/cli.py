@@ -281,7 +281,9 @@ def _sweep(args: argparse.Namespace) -> int:
 
         from flows.sweep import sweep
 
-        runner = _task_runner(args, len(grid))
+        if settings.sensor_column is not None:  # as a fleet run: partitions side by side, one torch thread each
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
+        runner = _task_runner(args, os.cpu_count() or 1 if settings.sensor_column is not None else len(grid))
         result = asyncio.run(sweep.with_options(task_runner=runner)(
             data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations,
             models=models,

@@ -38,6 +38,9 @@ async def sweep(
     empty: the settings' model) on the same ingested data and split; compare them in one table."""
     s, data_path = Store(store), Path(data).resolve()
     grid = sweep_grid(settings, strategies, lrs, normalizations, models)
+    if settings.sensor_column is not None:
+        with s.tidy_on_failure():
+            return await _sweep_fleet(s, data_path, grid)
     with s.tidy_on_failure():
         data_sha256 = data_file_sha256(data_path)
         ingest = await _run_stage(ingest_readings, s, ingest_inputs(settings, data_sha256), data=str(data_path))
@@ -66,3 +69,21 @@ async def sweep(
             rows.append({"config": config.model_dump(), "lr": config.learning_rate, "train": train.ref["summary"],
                          "validate": validate.ref["summary"], "cached": train.cached, "train_path": train.ref["path"]})
         return record_sweep(str(s.root), str(data_path), data_sha256, rows)
+
+
+async def _sweep_fleet(s: Store, data_path: Path, grid: list[CalibrationSettings]) -> dict:
+    """A fleet's sweep: every combination calibrates every sensor (its partitions through the task
+    runner, flows.fleet); a row per combination sums the fleet up (tasks.record.fleet_row)."""
+    from flows.fleet import calibrate_fleet
+
+    results, data_sha256 = [], None
+    for config in grid:
+        try:
+            stages, partitions, data_sha256, report = await calibrate_fleet(s, data_path, config)
+        except ThermocalError as error:  # a combination that fails does not sink the sweep
+            results.append({"config": config.model_dump(), "error": str(error)})
+            continue
+        results.append({"config": config.model_dump(), "lr": config.learning_rate, "fleet_table": s.load(report.ref),
+                        "seconds": stages["train"]["seconds"], "cached": all(p.cached for p in partitions) and report.cached,
+                        "train_path": str(s.path(report.ref["files"]["sensors.csv"]))})
+    return record_sweep(str(s.root), str(data_path), data_sha256 or data_file_sha256(data_path), results)

@@ -209,6 +209,9 @@ def comparison_rows(results: list[dict]) -> list[dict]:
         if "error" in result:
             rows.append({**row, "status": "failed", "error": result["error"]})
             continue
+        if "fleet_table" in result:
+            rows.append({**row, **fleet_row(result)})
+            continue
         train, validate = result["train"], result["validate"]
         rows.append({
             **row, "status": "ok", "train_loss": validate["train_loss"], "val_loss": validate["val_loss"],
@@ -217,6 +220,19 @@ def comparison_rows(results: list[dict]) -> list[dict]:
             "cached": result["cached"], "train_path": result["train_path"],
         })
     return rows
+
+
+def fleet_row(result: dict) -> dict:
+    """A fleet's combination in a sweep: median losses and epochs over its calibrated sensors, the
+    largest gap, and how many sensors calibrated."""
+    table = result["fleet_table"]
+    ok = table[table["status"] == "calibrated"]
+    median = (lambda column: float(ok[column].median()) if len(ok) and ok[column].notna().any() else None)
+    return {"status": "ok", "train_loss": median("train_loss"), "val_loss": median("val_loss"),
+            "gap_to_optimum": float(ok["gap_to_optimum"].max()) if len(ok) and ok["gap_to_optimum"].notna().any() else None,
+            "epochs": int(ok["epochs_run"].median()) if len(ok) else 0, "stopped_by": "per sensor", "seconds": result["seconds"],
+            "calibration": f"fleet: {len(ok)} of {len(table)} sensors calibrated (median losses, largest gap)",
+            "cached": result["cached"], "train_path": result["train_path"]}
 
 
 @task(name="record-sweep", task_run_name="record-sweep")

@@ -199,3 +199,16 @@ def test_a_real_dask_cluster_gives_byte_identical_sensors(capsys, tmp_path, flee
     assert _partition_outputs(on_dask) == _partition_outputs(threaded)
     states = _task_runs(manifest(on_dask)["flow_run_id"], expected=4 * 3 + 3)
     assert sum(1 for name, state in states.items() if name.startswith("train[") and state == "Completed") == 4
+
+
+def test_a_fleet_sweep_compares_combinations_over_every_sensor(capsys, tmp_path, fleet_csv):
+    code, out, err = run(capsys, "sweep", "--json", "--store", str(tmp_path / "store"), "--data", str(fleet_csv), *FLEET,
+                         "--models", "linear,poly:2")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["model"] for row in rows] == ["linear", "poly:2"] and all(row["status"] == "ok" for row in rows)
+    for row in rows:
+        table = pd.read_csv(row["train_path"])
+        calibrated = table[table["status"] == "calibrated"]
+        assert len(calibrated) == 5 and row["val_loss"] == pytest.approx(calibrated["val_loss"].median())
+        assert row["gap_to_optimum"] == pytest.approx(calibrated["gap_to_optimum"].max()) and row["gap_to_optimum"] <= 1e-6
