@@ -18,8 +18,9 @@ from prefect import get_run_logger
 from tasks.staging import READABLE_ROWS, csv_file, joblib_file, stage
 from tasks.store import Store
 
-FLEET_MODULES = ("tasks.fleet", "tasks.fleet_arrays", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.split", "tasks.batched",
-                 "tasks.strategies", "tasks.train", "tasks.uncertainty", "tasks.evaluate", "tasks.model", "tasks.errors")
+FLEET_MODULES = ("tasks.fleet", "tasks.fleet_arrays", "tasks.models", "tasks.calibration", "tasks.normalize", "tasks.split",
+                 "tasks.batched", "tasks.batched_steps", "tasks.strategies", "tasks.train", "tasks.uncertainty", "tasks.evaluate",
+                 "tasks.model", "tasks.errors")
 # what the sensors table holds, in this order (`thermocal sensors --json` gives these fields)
 TABLE_FIELDS = ("sensor", "model", "coefficients", "standard_uncertainties", "train_loss", "val_loss", "gap_to_optimum",
                 "epochs_run", "status")

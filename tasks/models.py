@@ -92,7 +92,7 @@ class Model:
     def batched_objective(self, f: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
         """The weighted losses of B models at once (tasks.batched): f and y shared or per model, weights (B, n)
         summing to 1 per model."""
-        from tasks.batched import WeightedLeastSquares, WeightedObjective  # training only: it needs torch
+        from tasks.batched_steps import WeightedLeastSquares, WeightedObjective  # training only: it needs torch
 
         return WeightedLeastSquares(self, f, y, weights) if self.linear_in_params else WeightedObjective(self, f, y, weights)
 

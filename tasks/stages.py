@@ -87,7 +87,8 @@ def model_summary(calibration) -> dict:
 
 
 @stage("train", ("tasks.stages", "tasks.train", "tasks.strategies", "tasks.objectives", "tasks.model", "tasks.models", "tasks.calibration",
-                  "tasks.normalize", "tasks.errors", "tasks.stability", "tasks.uncertainty", "tasks.batched", "tasks.progress"))
+                  "tasks.normalize", "tasks.errors", "tasks.stability", "tasks.uncertainty", "tasks.batched", "tasks.batched_steps",
+                  "tasks.progress"))
 def train_calibration(
     store: str, key: str, ingest: dict, normalize: dict, split: dict, model: str,
     strategy: str, optimizer: str | None, lr: float, epochs: int, delta: float | None,

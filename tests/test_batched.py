@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.batched
+import tasks.batched_steps
 import tasks.strategies
 from tasks.batched import train_batched
 from tasks.errors import InvalidInput, TrainingDiverged
@@ -208,7 +208,7 @@ def test_one_parameter_per_model_gives_what_the_shared_one_does(standardized, mo
     f, targets, weights = _batch("counts", model, x, y)
     options = dict(strategy="optimizer", optimizer="adam", lr=0.02, epochs=100)
     shared = train_batched(model, f, targets, weights, **options)
-    monkeypatch.setattr(tasks.batched, "ELEMENTWISE_OPTIMIZERS", frozenset())
+    monkeypatch.setattr(tasks.batched_steps, "ELEMENTWISE_OPTIMIZERS", frozenset())
     per_model = train_batched(model, f, targets, weights, **options)
     np.testing.assert_allclose(per_model.params, shared.params, rtol=1e-5, atol=1e-6)
 

@@ -116,6 +116,23 @@ def test_new_readings_for_one_sensor_recompute_its_partition_only(capsys, tmp_pa
     assert len(recomputed) == 1 and all(found == {"Cached"} for p, found in partition_of.items() if p not in recomputed)
     # and s03 moved little: no drift at the default threshold
     assert second["drift_baseline"] == first["run_id"] and second["drift"] == []
+    # the UI's fleet table (worst first), its progress (4 of 4 partitions) and the report with the plot
+    artifacts = _artifacts(manifest(second)["flow_run_id"])
+    table = json.loads(artifacts["thermocal-fleet"].data)
+    assert [row["sensor"] for row in table] == [w["sensor"] for w in second["worst_sensors"]][: len(table)]
+    assert [row["residual_sd"] for row in table] == sorted((row["residual_sd"] for row in table), reverse=True)
+    assert artifacts["thermocal-fleet-progress"].data == 100.0
+    assert "data:image/png;base64," in artifacts["thermocal-fleet-report"].data
+
+
+def _artifacts(flow_run_id: str) -> dict:
+    """The flow run's artifacts by key, read back from the API (the latest of each key)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
+    return {a.key: a for a in sorted(found, key=lambda a: a.created)}
 
 
 def _drift_events(sensor: str, deadline: float) -> list[dict]:
@@ -211,4 +228,4 @@ def test_a_fleet_sweep_compares_combinations_over_every_sensor(capsys, tmp_path,
         table = pd.read_csv(row["train_path"])
         calibrated = table[table["status"] == "calibrated"]
         assert len(calibrated) == 5 and row["val_loss"] == pytest.approx(calibrated["val_loss"].median())
-        assert row["gap_to_optimum"] == pytest.approx(calibrated["gap_to_optimum"].max()) and row["gap_to_optimum"] <= 1e-6
+        assert row["gap_to_optimum"] == pytest.approx(calibrated["gap_to_optimum"].max()) and row["gap_to_optimum"] <= 1e-3
