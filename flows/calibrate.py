@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect import flow, tags
+from prefect.context import FlowRunContext
 from prefect.futures import PrefectConcurrentFuture
 from prefect.runtime import flow_run
 from prefect.states import State
@@ -97,6 +98,15 @@ class Call:
     def wait_for(self) -> list[PrefectConcurrentFuture]:
         """The upstream stages as finished futures, for a call in this process (see `done`)."""
         return [done(state) for state in self.upstream]
+
+
+def submit(configured, call: Call):
+    """Submit a configured stage to the flow's task runner. To a Dask cluster (another process):
+    plain arguments and upstream states, which pickle; in this process: quoted arguments and
+    finished futures (see `Call`)."""
+    if type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner":
+        return configured.submit(**call.arguments, wait_for=call.upstream)
+    return configured.submit(**call.quoted, wait_for=call.wait_for)
 
 
 async def stage_result(state, store: Store, started: float, call: Call) -> StageRun:

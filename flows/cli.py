@@ -202,10 +202,7 @@ def _run(args: argparse.Namespace) -> int:
 
         flow = calibrate
         if settings.sensor_column is not None:
-            # a fleet's partitions side by side, one per core, each on one torch thread: two threads per
-            # partition would only wait for each other (tasks/batched.py); set before torch is imported
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-            flow = calibrate.with_options(task_runner=_task_runner(args, os.cpu_count() or 1))
+            flow = calibrate.with_options(task_runner=_fleet_runner(args))
         elif args.dask or args.dask_address or args.sequential or args.workers:
             flow = calibrate.with_options(task_runner=_task_runner(args, 4))
         summary = asyncio.run(flow(data=args.data, store=args.store, settings=settings, predict=args.predict))
@@ -258,6 +255,13 @@ def _task_runner(args: argparse.Namespace, trainings: int):
     return ThreadPoolTaskRunner(max_workers=args.workers or min(4, trainings))
 
 
+def _fleet_runner(args: argparse.Namespace):
+    """A fleet's partitions side by side, one per core, each on one torch thread: two threads per
+    partition would only wait for each other (tasks/batched.py). Set before torch is imported."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return _task_runner(args, os.cpu_count() or 1)
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -281,9 +285,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
         from flows.sweep import sweep
 
-        if settings.sensor_column is not None:  # as a fleet run: partitions side by side, one torch thread each
-            os.environ.setdefault("OMP_NUM_THREADS", "1")
-        runner = _task_runner(args, os.cpu_count() or 1 if settings.sensor_column is not None else len(grid))
+        runner = _fleet_runner(args) if settings.sensor_column is not None else _task_runner(args, len(grid))
         result = asyncio.run(sweep.with_options(task_runner=runner)(
             data=args.data, store=args.store, settings=settings, strategies=strategies, lrs=lrs, normalizations=normalizations,
             models=models,

@@ -1,8 +1,8 @@
 """A fleet run: one ingest, then every partition's train -> validate, infer through the flow's task
 runner (threads, or Dask), then the fleet's report, drift check and record.
 
-Partitions are submitted all at once; as each partition's training finishes, its validation and
-inference are submitted, so on a cluster the slow partitions never hold the fast ones back.
+Partitions' trainings are submitted all at once; each partition's validation and inference are
+submitted once its training is done (taken in partition order), behind the trainings still queued.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
-from prefect.context import FlowRunContext
 from prefect.utilities.annotations import quote
 
-from flows.calibrate import Call, StageRun, _run_stage, data_file_sha256, done, settings_used, stage_result, train_inputs
+from flows.calibrate import Call, StageRun, _run_stage, data_file_sha256, done, settings_used, stage_result, submit, train_inputs
 from tasks.errors import InvalidInput
 from tasks.fleet_record import publish_fleet, record_fleet
 from tasks.fleet_stages import infer_partition, ingest_fleet, report_fleet, train_partition, validate_partition
@@ -57,10 +56,6 @@ class Partition:
         return all(run.cached for run in (self.train, self.validate, self.infer))
 
 
-def _remote() -> bool:
-    return type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
-
-
 def _submit(task, s: Store, stage: str, partition: dict, keyed: dict, upstream: list[StageRun], **arguments):
     """Submit one partition's stage to the flow's task runner, cached on `keyed` (the partition's
     content hash, upstream outputs' hashes, settings); task run named `stage[pNNNNN]`."""
@@ -69,11 +64,7 @@ def _submit(task, s: Store, stage: str, partition: dict, keyed: dict, upstream: 
                                    task_run_name=f"{stage}[{partition['name']}]")
     call = Call(task.name, {"store": str(s.root), "key": key, "partition": partition, **arguments},
                 [run.state for run in upstream], frozenset(run.name for run in upstream))
-    if _remote():  # to another process: plain arguments and states pickle; quotes and local futures do not
-        future = configured.submit(**call.arguments, wait_for=call.upstream)
-    else:
-        future = configured.submit(**{k: quote(v) for k, v in call.arguments.items()}, wait_for=call.wait_for)
-    return future, call, time.perf_counter()
+    return submit(configured, call), call, time.perf_counter()
 
 
 async def _finish(submitted, s: Store) -> StageRun:

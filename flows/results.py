@@ -179,6 +179,13 @@ def print_worst(rows: list[dict]) -> None:
         print(f"  {row['sensor']:<16} {row['residual_sd']:>9.4g} {val:>10} {gap:>9}  {coefficients}")
 
 
+def print_stages(summary: dict) -> None:
+    """Where the run's manifest is, and each stage: cached or computed, its seconds, its output."""
+    print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
+    for name, stage in summary["stages"].items():
+        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
+
+
 def print_fleet(summary: dict) -> None:
     """A fleet run as a person reads it: counts, partitions, failures, drift, the worst sensors, where things are."""
     fleet, parts = summary["fleet"], summary["fleet"]["partitions"]
@@ -195,9 +202,7 @@ def print_fleet(summary: dict) -> None:
         for d in summary["drift"][:10]:
             print(f"  {d['sensor']}: {d['max_delta_celsius']:.4g} °C at reading {d['at_reading']:.6g}")
     print_worst(summary["worst_sensors"])
-    print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
-    for name, stage in summary["stages"].items():
-        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
+    print_stages(summary)
     print(f"sensors table: {summary['sensors_table']}")
     print(f"plot: {summary['report']}")
 
@@ -224,9 +229,7 @@ def print_run(summary: dict) -> None:
     for d in summary.get("drift", []):
         print(f"drift: the calibration moved up to {d['max_delta_celsius']:.4g} °C (at reading {d['at_reading']:.6g}) "
               f"since run {summary['drift_baseline']}")
-    print(f"run {summary['run_id']}: manifest in {summary['run_dir']}")
-    for name, stage in summary["stages"].items():
-        print(f"  {name:<9} {'cached  ' if stage['cached'] else 'computed'} {stage['seconds']:6.2f} s  {stage['path']}")
+    print_stages(summary)
     print(f"plot: {summary['report']}")
     print(f"certificate: {summary['certificate']}")
 

@@ -4,7 +4,6 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.context import FlowRunContext
 
 from flows.calibrate import (
     _run_stage,
@@ -15,6 +14,7 @@ from flows.calibrate import (
     split_inputs,
     stage_call,
     stage_result,
+    submit,
     train_inputs,
 )
 from tasks.errors import ThermocalError
@@ -48,15 +48,10 @@ async def sweep(
         normalized = {n: await _run_stage(normalize_readings, s, normalize_inputs(c, ingest))
                       for n, c in {c.normalize: c for c in grid}.items()}
         submitted = []
-        remote = type(FlowRunContext.get().task_runner).__name__ == "DaskTaskRunner"
         for config in grid:  # every training goes to the task runner at once
             upstream = {"ingest": ingest, "normalize": normalized[config.normalize], "split": split}
             task, call = stage_call(train_calibration, s, train_inputs(config, upstream), log_every=config.log_every)
-            if remote:  # to another process: plain arguments and upstream states pickle, quotes and local futures do not
-                future = task.submit(**call.arguments, wait_for=call.upstream)
-            else:
-                future = task.submit(**call.quoted, wait_for=call.wait_for)
-            submitted.append((config, call, time.perf_counter(), future))
+            submitted.append((config, call, time.perf_counter(), submit(task, call)))
         rows = []
         for config, call, started, future in submitted:
             future.wait()

@@ -3,14 +3,14 @@ that failed, and which calibrations moved since the baseline run."""
 
 from __future__ import annotations
 
-import math
+import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
 from prefect.runtime import flow_run
 
 from tasks.errors import StoreError
-from tasks.fleet_report import artifact_rows, plain, worst_sensors
+from tasks.fleet_report import artifact_rows, finite, plain, worst_sensors
 from tasks.runs import baseline_manifest, calibrations_of
 from tasks.record import manifest_identity
 from tasks.staging import threaded_task
@@ -35,20 +35,10 @@ def drift_since(store: Store, data: str, baseline: str | None, run_id: str, curr
     return calibration_drift(previous, current, threshold), found["run_id"]
 
 
-def _number(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
 def _median(values) -> float | None:
-    finite = sorted(v for v in (_number(x) for x in values) if v is not None)
-    if not finite:
-        return None
-    middle = len(finite) // 2
-    return finite[middle] if len(finite) % 2 else (finite[middle - 1] + finite[middle]) / 2
+    """The median of the finite values; None when there is none."""
+    numbers = [v for v in (finite(x) for x in values) if v is not None]
+    return statistics.median(numbers) if numbers else None
 
 
 @threaded_task(name="record-fleet", task_run_name="record-fleet")

@@ -9,7 +9,7 @@ WORST = 10  # sensors the terminal summary names, worst residual SD first
 ARTIFACT_ROWS = 50  # rows of the UI's fleet table (the sensors table holds them all)
 
 
-def _finite(value) -> float | None:
+def finite(value) -> float | None:
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -32,12 +32,12 @@ def slope_of(coefficients) -> float | None:
     """°C per reading at the calibration's linear term (c1); None without coefficients (the network)."""
     if coefficients is None or len(coefficients) < 2:
         return None
-    return _finite(coefficients[1])
+    return finite(coefficients[1])
 
 
 def worst_sensors(rows: list[dict], count: int = WORST) -> list[dict]:
     """Calibrated sensors by residual standard deviation, largest first (ties by id)."""
-    ranked = [r for r in rows if r.get("status") == "calibrated" and _finite(r.get("residual_sd")) is not None]
+    ranked = [r for r in rows if r.get("status") == "calibrated" and finite(r.get("residual_sd")) is not None]
     return sorted(ranked, key=lambda r: (-float(r["residual_sd"]), r["sensor"]))[:count]
 
 
@@ -46,8 +46,8 @@ def artifact_rows(rows: list[dict], count: int = ARTIFACT_ROWS) -> list[dict]:
     out = []
     for r in worst_sensors(rows, count):
         out.append({"sensor": r["sensor"], "model": r["model"], "slope": slope_of(r.get("coefficients")),
-                    "residual_sd": _finite(r["residual_sd"]), "train_loss": _finite(r["train_loss"]),
-                    "val_loss": _finite(r["val_loss"]), "gap_to_optimum": _finite(r["gap_to_optimum"]),
+                    "residual_sd": finite(r["residual_sd"]), "train_loss": finite(r["train_loss"]),
+                    "val_loss": finite(r["val_loss"]), "gap_to_optimum": finite(r["gap_to_optimum"]),
                     "epochs_run": int(r["epochs_run"])})
     return out
 
@@ -61,7 +61,7 @@ def plot_distribution(path: Path, table, model: str) -> None:
 
     calibrated = table[table["status"] == "calibrated"]
     slopes = [s for s in (slope_of(c) for c in calibrated["coefficients"]) if s is not None]
-    sds = [v for v in (_finite(x) for x in calibrated["residual_sd"]) if v is not None]
+    sds = [v for v in (finite(x) for x in calibrated["residual_sd"]) if v is not None]
     panels = [("slope c1 (°C per reading)", slopes)] if slopes else []
     panels.append(("residual standard deviation (°C)", sds))
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
