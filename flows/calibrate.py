@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow, tags
+from prefect import flow
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectConcurrentFuture
 from prefect.runtime import flow_run
@@ -205,7 +205,9 @@ async def calibrate(
     s, data_path, predict = Store(store), Path(data).resolve(), list(predict or [])
     tagging = asyncio.create_task(_tag_flow_run(run_tags(settings)))  # while the stages run
     try:
-        with s.tidy_on_failure(), tags(*run_tags(settings)):
+        # the tags go on the flow run only: a tagged task run asks the server for the tags'
+        # concurrency limits before it starts, one round trip per stage (and per fleet partition)
+        with s.tidy_on_failure():
             if settings.sensor_column is not None:  # a fleet: one calibration per sensor (flows.fleet)
                 from flows.fleet import fleet_run
 

@@ -68,7 +68,10 @@ class WeightedLeastSquares(WeightedObjective):
     The residuals r = X theta - y are one product for all B models (y negated once, exact), each
     loss the dot product of w * r with r, the hand-derived gradient 2 X^T (w r) (for the line,
     dL/dw = 2 sum(w r x), dL/db = 2 sum(w r)) one more product with 2 X formed once (doubling is
-    exact). A step subtracts lr * gradient from theta after the product, never fused into it:
+    exact). With one design per model (a fleet: each sensor its own normalized readings) the
+    residuals are P elementwise passes over the design's columns instead, and the gradient P dot
+    products: a batched (n, P) @ (P, 1) product per model cost ten times as much for the line.
+    A step subtracts lr * gradient from theta after the product, never fused into it:
     torch's CPU addmm/baddbmm add each row's term into theta one at a time, and near the optimum
     every term is below half an ulp of theta, so the step rounded away and training stalled a
     dozen ulps short of the float32 optimum (a relative gap of 3e-6 on 800 rows, against 3e-9).
@@ -77,23 +80,57 @@ class WeightedLeastSquares(WeightedObjective):
     def __init__(self, model: Model, f: torch.Tensor, y: torch.Tensor, weights: torch.Tensor):
         super().__init__(model, f, y, weights)
         self.f = model.design(f).contiguous()  # what forward reads from here on: (n, P) or (B, n, P)
-        self.gradient_map = (self.f + self.f).contiguous()  # 2 X
-        # -y broadcast against the residuals: (n,) or (B, n) for a shared design, a column per model for per-model ones
-        self.neg_y = -y if not self.per_model else (-y)[..., None]
-
-    def _residual(self, theta):
+        self.neg_y = -y  # (n,) or (B, n)
         if self.per_model:
-            return torch.baddbmm(self.neg_y, self.f, theta[:, :, None])[..., 0]  # (B, n, P) @ (B, P, 1)
-        return torch.addmm(self.neg_y, theta, self.f.T)  # (B, P) @ (P, n)
+            self.columns = self.f.permute(2, 0, 1).contiguous()  # (P, B, n): each column of every model's design
+        else:
+            self.gradient_map = (self.f + self.f).contiguous()  # 2 X
+        self._buffers: tuple[torch.Tensor, ...] | None = None
+
+    def _scratch(self, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The residuals', weighted residuals' and their products' tensors, (B, n) each, made once
+        and rewritten every epoch: a fleet partition's are a few MiB each, which glibc would otherwise map and
+        unmap anew every epoch (tasks.store.limit_heap_retention), page faults that doubled its
+        training time. Plain tensors only: autograd never passes through this form."""
+        shape = (theta.shape[0], self.rows)
+        if self._buffers is None or self._buffers[0].shape != shape or self._buffers[0].dtype != theta.dtype:
+            self._buffers = tuple(torch.empty(shape, dtype=theta.dtype) for _ in range(3))
+        return self._buffers
+
+    def _residual(self, theta, out=None):
+        if not self.per_model:
+            return torch.addmm(self.neg_y, theta, self.f.T, out=out)  # (B, P) @ (P, n)
+        residual = torch.addcmul(self.neg_y, self.columns[0], theta[:, :1], out=out)
+        for p in range(1, theta.shape[1]):
+            residual = torch.addcmul(residual, self.columns[p], theta[:, p:p + 1], out=out)
+        return residual
+
+    def _weighted_residuals(self, theta):
+        if theta.requires_grad:
+            residual = self._residual(theta)
+            return residual, self.weights * residual
+        residual, weighted, _ = self._scratch(theta)
+        self._residual(theta, out=residual)
+        return residual, torch.mul(self.weights, residual, out=weighted)
+
+    def _dots(self, a, b):
+        """Row by row dot products of (B, n) by (B, n), the products written over the last scratch tensor."""
+        if a.requires_grad or b.requires_grad:
+            return torch.linalg.vecdot(a, b)
+        return torch.mul(a, b, out=self._scratch(a)[2]).sum(dim=1)
+
+    def losses(self, theta, models: slice = slice(None)):
+        if theta.ndim == 2 and models == slice(None) and not theta.requires_grad:
+            return self._dots(*self._weighted_residuals(theta)[::-1])
+        return super().losses(theta, models)
 
     def loss_and_gradient(self, theta):
-        residual = self._residual(theta)
-        weighted = self.weights * residual
+        residual, weighted = self._weighted_residuals(theta)
         if self.per_model:
-            grad = torch.bmm(weighted[:, None, :], self.gradient_map)[:, 0]
+            grad = 2.0 * torch.stack([self._dots(weighted, column) for column in self.columns], dim=1)
         else:
             grad = weighted @ self.gradient_map
-        return torch.linalg.vecdot(weighted, residual), grad
+        return self._dots(weighted, residual), grad
 
 
 class _Stepper:
