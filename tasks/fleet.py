@@ -116,7 +116,10 @@ class _Padded:
 
 def _padded(rows, batch, positions, readings, celsius, shift, factor) -> _Padded:
     mask, raw, y = gather(rows, batch, positions, readings, celsius)
-    return _Padded(mask, raw, np.where(mask, (raw - shift[batch, None]) * factor[batch, None], 0.0), y)
+    x = raw - shift[batch, None]
+    x *= factor[batch, None]
+    x[~mask] = 0.0
+    return _Padded(mask, raw, x, y)
 
 
 def train_sensors(readings, celsius, codes, sensors, settings: CalibrationSettings) -> dict:
@@ -154,7 +157,8 @@ def train_sensors(readings, celsius, codes, sensors, settings: CalibrationSettin
     enough, distinct = distinct_at_least(train.raw, train.mask, need)
     for i in np.flatnonzero(~enough):
         reasons[batch[i]] = f"its training rows hold only {distinct[i]} different reading(s); {model.spec} needs {need}"
-    batch, train = batch[enough], train.take(enough)
+    if not enough.all():
+        batch, train = batch[enough], train.take(enough)
     val = _padded(rows, batch, val_pos[batch], readings, celsius, shift, factor)
     alpha, beta = fit_bases(train.x, train.mask, model.degree) if model.kind == "poly" else (None, None)
     result, seconds = _train_batch(model, train, val, alpha, beta, settings)

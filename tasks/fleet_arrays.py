@@ -80,8 +80,13 @@ def gather(rows: Rows, sensors: np.ndarray, positions: np.ndarray, *columns: np.
     """The (B, m) mask of real rows (positions -1 pad), and each column's values at the given
     positions among each sensor's own rows, (B, m) float64, 0 in the padding."""
     mask = positions >= 0
-    index = rows.order[np.where(mask, rows.starts[sensors, None] + positions, 0)]
-    return mask, *(np.where(mask, column[index], 0.0) for column in columns)
+    index = rows.starts[sensors, None] + positions
+    index[~mask] = 0
+    np.take(rows.order, index, out=index)
+    gathered = tuple(np.take(column, index) for column in columns)
+    for values in gathered:  # in place: each of these (B, m) arrays is a fresh mapping of its own (tasks.store.limit_heap_retention)
+        values[~mask] = 0.0
+    return mask, *gathered
 
 
 def distinct_at_least(values: np.ndarray, mask: np.ndarray, need: int) -> tuple[np.ndarray, np.ndarray]:
