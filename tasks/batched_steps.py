@@ -89,9 +89,9 @@ class WeightedLeastSquares(WeightedObjective):
 
     def _scratch(self, theta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The residuals', weighted residuals' and their products' tensors, (B, n) each, made once
-        and rewritten every epoch: a fleet partition's are a few MiB each, which glibc would otherwise map and
-        unmap anew every epoch (tasks.store.limit_heap_retention), page faults that doubled its
-        training time. Plain tensors only: autograd never passes through this form."""
+        and rewritten every epoch: a fleet partition's are a few MiB each, which glibc would
+        otherwise map and unmap anew every epoch (tasks.store.limit_heap_retention), page faults
+        that doubled its training time. Plain tensors only: autograd never passes through them."""
         shape = (theta.shape[0], self.rows)
         if self._buffers is None or self._buffers[0].shape != shape or self._buffers[0].dtype != theta.dtype:
             self._buffers = tuple(torch.empty(shape, dtype=theta.dtype) for _ in range(3))
