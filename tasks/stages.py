@@ -275,7 +275,6 @@ def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, 
     one-page certificate. `identity`: the run that computes it (run id, code version, data file),
     which the certificate names; a later run that finds this stage cached reuses that certificate."""
     import numpy as np
-    import pandas as pd
 
     from tasks.calibration import Calibration
     from tasks.certificate import write_certificate
@@ -285,14 +284,21 @@ def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, 
     s = Store(store)
     trained, metrics, predictions = s.load(train), s.load(validate), s.load(infer)
     calibration = Calibration.from_record(trained["model"])
-    points = pd.concat([s.load(ingest), predictions["dataset"]["subset"]], axis=1)
+    # of the dataset's predictions only each row's subset is drawn: the other columns (about 200 MB
+    # on 10 million rows) go before the ingested table comes in, which takes the subset as one more
+    # column (pd.concat would copy the table)
+    subset = predictions["dataset"]["subset"]
+    new_predictions = predictions.get("records", predictions["new"].to_dict(orient="records"))
+    del predictions
+    points = s.load(ingest)
+    points["subset"] = subset.array  # the categorical as it is, row for row
     summary = {
         "model": model_summary(calibration),
         "calibration": trained["calibration"],
         **{k: metrics[k] for k in ("train_loss", "val_loss", "optimum", "gap_to_optimum", "converged", "train_rows", "val_rows")},
         "baselines": metrics.get("baselines"),
         "epochs_run": trained["epochs_run"],
-        "predictions": predictions.get("records", predictions["new"].to_dict(orient="records")),
+        "predictions": new_predictions,
         "outliers": metrics.get("outliers", []),
         "correction_table": calibration.predictions(np.linspace(*calibration.range, TABLE_POINTS)),
         "settings": settings,
