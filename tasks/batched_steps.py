@@ -106,22 +106,18 @@ class WeightedLeastSquares(WeightedObjective):
         return residual
 
     def _weighted_residuals(self, theta):
-        if theta.requires_grad:
-            residual = self._residual(theta)
-            return residual, self.weights * residual
         residual, weighted, _ = self._scratch(theta)
         self._residual(theta, out=residual)
         return residual, torch.mul(self.weights, residual, out=weighted)
 
     def _dots(self, a, b):
         """Row by row dot products of (B, n) by (B, n), the products written over the last scratch tensor."""
-        if a.requires_grad or b.requires_grad:
-            return torch.linalg.vecdot(a, b)
         return torch.mul(a, b, out=self._scratch(a)[2]).sum(dim=1)
 
     def losses(self, theta, models: slice = slice(None)):
-        if theta.ndim == 2 and models == slice(None) and not theta.requires_grad:
-            return self._dots(*self._weighted_residuals(theta)[::-1])
+        if theta.ndim == 2 and models == slice(None) and not theta.requires_grad:  # not autograd's: the scratch form
+            residual, weighted = self._weighted_residuals(theta)
+            return self._dots(weighted, residual)
         return super().losses(theta, models)
 
     def loss_and_gradient(self, theta):

@@ -84,7 +84,7 @@ def gather(rows: Rows, sensors: np.ndarray, positions: np.ndarray, *columns: np.
     index[~mask] = 0
     np.take(rows.order, index, out=index)
     gathered = tuple(np.take(column, index) for column in columns)
-    for values in gathered:  # in place: each of these (B, m) arrays is a fresh mapping of its own (tasks.store.limit_heap_retention)
+    for values in gathered:  # in place: every new (B, m) array is a fresh mapping (tasks.store.limit_heap_retention)
         values[~mask] = 0.0
     return mask, *gathered
 
