@@ -62,6 +62,7 @@ class LeastSquares(Objective):
         self.neg_y = -y
         self.n = torch.tensor(float(len(y)), dtype=y.dtype)  # a tensor: dividing by a Python number costs more
         self.gradient_map = (self.design.T * (2.0 / len(y))).contiguous()  # 2/n X^T, (P, n)
+        self._design_t = None
 
     def _residual(self, theta):
         return torch.addmv(self.neg_y, self.design, theta)  # X theta - y, shape (n,)
@@ -71,7 +72,12 @@ class LeastSquares(Objective):
         return torch.dot(residual, residual) / self.n
 
     def losses(self, thetas):
-        residual = self.model.forward(thetas, self.design) + self.neg_y  # (B, n)
+        if thetas.ndim == 2:  # (B, P): -y + thetas X^T, the product and the sum in one call
+            if self._design_t is None:
+                self._design_t = self.design.T.contiguous()  # (P, n), formed on first use
+            residual = torch.addmm(self.neg_y, thetas, self._design_t)
+        else:
+            residual = self.model.forward(thetas, self.design) + self.neg_y  # (..., n)
         return torch.linalg.vecdot(residual, residual) / self.n
 
     def loss_and_gradient(self, theta):

@@ -15,7 +15,7 @@ from prefect import get_run_logger
 
 from tasks.progress import TrainingProgress
 from tasks.staging import READABLE_ROWS, csv_file, joblib_file, json_file, stage
-from tasks.store import Store
+from tasks.store import Store, spare_the_collector
 
 NAMED_OUTLIERS = 20  # a warning names this many outliers (the first by line) and counts the rest
 
@@ -132,6 +132,7 @@ def train_calibration(
     for warning in warnings:  # before training: the run still goes, and diverging is a lesson of its own
         get_run_logger().warning(warning)
     progress = TrainingProgress(epochs, log=get_run_logger().info)
+    spare_the_collector()
     started = time.perf_counter()
     try:
         result = train_model(
