@@ -7,6 +7,8 @@ import time
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 PROGRESS_KEY = "thermocal-training-progress"
+# log lines reach the terminal and the UI this late at most (tasks.train.Reporter: why)
+REPORT_DELAY = 0.2  # seconds
 
 
 class TrainingProgress:
@@ -24,7 +26,7 @@ class TrainingProgress:
         self.next_update = time.monotonic() + every
         from tasks.train import Reporter
 
-        self.reporter = Reporter()
+        self.reporter = Reporter(delay=REPORT_DELAY)
 
     def log(self, line: str) -> None:
         self.reporter.call(self._log, line)

@@ -15,7 +15,8 @@ import torch
 
 from tasks.errors import TrainingDiverged
 from tasks.models import Linear, Model
-from tasks.strategies import FD_BUDGET, make_stepper
+import tasks.objectives  # noqa: F401 - loaded here with torch: Model.objective imports it lazily, on first use, inside the timed loop
+from tasks.strategies import make_stepper
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,20 @@ class Reporter:
     """Calls made to report training (log lines, progress updates) run in order on a thread of
     their own, in the context of the thread that made the Reporter (its contextvars: an
     orchestrator's run context), so the loop hands them over and never waits on them. `close`
-    waits for every call handed over and re-raises the first error one raised."""
+    waits for every call handed over and re-raises the first error one raised.
 
-    def __init__(self):
+    The thread starts on the calls only `delay` seconds after the Reporter was made (or at close,
+    if sooner). Rendering a log line holds the GIL for milliseconds, and a loop that wants the GIL
+    back waits up to the interpreter's switch interval (5 ms): a training of a few dozen epochs,
+    about a millisecond of work, took five times that while its first lines were rendered beside
+    it. Now such a training finishes first and its lines follow at once; a long one shows them
+    `delay` late.
+    """
+
+    def __init__(self, delay: float = 0.0):
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._delay, self._go = delay, threading.Event()
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._work,),
                                         name="training-reporter", daemon=True)
         self._thread.start()
@@ -57,6 +67,7 @@ class Reporter:
         self._calls.put((fn, args))
 
     def _work(self) -> None:
+        self._go.wait(self._delay)
         while (item := self._calls.get()) is not None:
             fn, args = item
             if self._error is None:  # after an error, the rest are dropped
@@ -66,6 +77,7 @@ class Reporter:
                     self._error = error
 
     def close(self) -> None:
+        self._go.set()
         if self._thread.is_alive():
             self._calls.put(None)
             self._thread.join()
@@ -86,8 +98,17 @@ BLOW_UP = 1e6
 
 
 def _first_bad_epoch(losses: torch.Tensor, start: int, limit: float) -> int | None:
-    bad = (~torch.isfinite(losses) | (losses > limit)).nonzero()
-    return None if bad.numel() == 0 else start + int(bad[0]) + 1
+    """The first epoch (counted from start + 1) whose loss is not at most `limit`: past it, inf or
+    NaN (every comparison with NaN is false). One comparison and one reduction while all is well
+    (in a short training each kind of torch call costs its first-call setup once, 30-300 us)."""
+    within = losses <= min(limit, torch.finfo(losses.dtype).max)  # an inf limit (first loss inf) still catches inf
+    if bool(within.all()):
+        return None
+    return start + int((~within).nonzero()[0]) + 1
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    return bool((values.abs() <= torch.finfo(values.dtype).max).all())  # NaN fails the comparison too
 
 
 def _diverged(epoch: int, loss: float, first: float, strategy: str, lr: float) -> TrainingDiverged:
@@ -160,7 +181,7 @@ def train_model(
     initial = model.initial(torch.Generator().manual_seed(seed)).to(y_train.dtype)
     stepper = make_stepper(strategy, model, initial, lr=lr, delta=delta, optimizer=optimizer)
     generator = torch.Generator().manual_seed(seed)
-    eps, mean_y2 = torch.finfo(y_train.dtype).eps, float((y_train * y_train).mean()) if stopping.tol else 0.0
+    eps, mean_y2 = torch.finfo(y_train.dtype).eps, float(torch.dot(y_train, y_train)) / len(y_train) if stopping.tol else 0.0
     has_val = x_val is not None and x_val.numel() > 0
     val_objective = model.objective(x_val, y_val) if has_val else None
     # the validation loss of each epoch is that of the parameters before its step: they are kept
@@ -210,7 +231,7 @@ def train_model(
                 snapshots.clear()
             first = float(train_hist[0])
             bad = _first_bad_epoch(torch.stack(train_hist[checked:epoch]), checked, BLOW_UP * max(first, 1e-12))
-            if bad is not None or not torch.isfinite(stepper.params).all():
+            if bad is not None or not _all_finite(stepper.params.detach()):
                 bad = bad or epoch
                 raise _diverged(bad, float(train_hist[bad - 1]), first, strategy, lr)
             checked = epoch
