@@ -132,15 +132,15 @@ def train_calibration(
     for warning in warnings:  # before training: the run still goes, and diverging is a lesson of its own
         get_run_logger().warning(warning)
     progress = TrainingProgress(epochs, log=get_run_logger().info)
-    spare_the_collector()
     started = time.perf_counter()
     try:
-        result = train_model(
-            f_train, y_train, f_val, y_val, model=fitted,
-            strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
-            stopping=Stopping(tol=tol, patience=patience, val_patience=val_patience), batch_size=batch_size, seed=seed,
-            log_every=log_every, log=progress.log, progress=progress,
-        )
+        with spare_the_collector():
+            result = train_model(
+                f_train, y_train, f_val, y_val, model=fitted,
+                strategy=strategy, lr=lr, epochs=epochs, delta=delta or 0.1, optimizer=optimizer or "sgd",
+                stopping=Stopping(tol=tol, patience=patience, val_patience=val_patience), batch_size=batch_size, seed=seed,
+                log_every=log_every, log=progress.log, progress=progress,
+            )
         seconds = time.perf_counter() - started
     except TrainingDiverged as error:
         progress.close()  # its lines before the error

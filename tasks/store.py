@@ -119,20 +119,25 @@ def limit_heap_retention() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, HEAP_LIMIT)
 
 
-def spare_the_collector() -> None:
-    """Move every object alive now (the imported modules, Prefect's state) out of the cyclic
-    garbage collector's sight (gc.freeze), before a hot loop.
+@contextlib.contextmanager
+def spare_the_collector():
+    """For the block: every object alive when it starts (the imported modules, Prefect's state)
+    is out of the cyclic garbage collector's sight (gc.freeze), and back in it afterwards.
 
     A loop that makes a few tensors an epoch triggers a full collection every few hundred epochs,
     and a full collection scans every object of the process: with torch, pandas and Prefect
     imported, about 270,000, some 100 ms each time. In a real run that doubled the seed's
-    5000-epoch finite-difference training. Frozen objects are still freed by reference counting;
-    only cycles among them wait for the process to end (the objects alive at this point live that
-    long anyway).
+    5000-epoch finite-difference training. Frozen objects are still freed by reference counting,
+    and unfrozen at the end, so cycles among them are collected later as before (a long-lived
+    process, `thermocal serve`, does not keep them for good).
     """
     import gc
 
     gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def release_free_heap() -> None:

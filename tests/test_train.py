@@ -151,3 +151,52 @@ def test_mini_batches_follow_their_own_seed(seed_data):
     assert (a.w, a.b) != (c.w, c.b)
     torch.manual_seed(123)  # the global generator plays no part
     assert (run(1).w, run(1).b) == (a.w, a.b)
+
+
+def test_divergence_checks_catch_inf_nan_and_blow_up_even_when_the_first_loss_is_inf():
+    from tasks.train import _all_finite, _first_bad_epoch
+
+    losses = torch.tensor([4.0, 3.0, 2.0])
+    assert _first_bad_epoch(losses, 10, 1e6) is None
+    assert _first_bad_epoch(torch.tensor([4.0, float("nan"), 2.0]), 10, 1e6) == 12
+    assert _first_bad_epoch(torch.tensor([4.0, 3.0, float("inf")]), 0, 1e6) == 3
+    assert _first_bad_epoch(torch.tensor([4.0, 2e6, 1.0]), 0, 1e6) == 2
+    assert _first_bad_epoch(torch.tensor([float("inf"), 1.0]), 0, float("inf")) == 1  # limit from an inf first loss
+    assert _first_bad_epoch(torch.tensor([1.0]), 0, float("nan")) == 1  # limit from a NaN first loss
+    assert _all_finite(torch.tensor([1.0, -3e38])) and not _all_finite(torch.tensor([1.0, float("-inf")]))
+    assert not _all_finite(torch.tensor([float("nan"), 1.0]))
+
+
+def test_the_reporter_renders_after_its_delay_or_at_close_in_order():
+    import time
+
+    from tasks.train import Reporter
+
+    seen = []
+    waiting = Reporter(delay=600.0)
+    for line in ("one", "two", "three"):
+        waiting.call(seen.append, line)
+    time.sleep(0.2)
+    assert seen == []  # a short training finishes before any line is rendered beside it
+    started = time.monotonic()
+    waiting.close()
+    assert seen == ["one", "two", "three"] and time.monotonic() - started < 60  # close does not wait out the delay
+
+    prompt = Reporter(delay=0.05)
+    prompt.call(seen.append, "four")
+    deadline = time.monotonic() + 30
+    while seen[-1] != "four" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seen[-1] == "four"  # a long training's lines arrive while it runs, not only at its end
+    prompt.close()
+
+
+def test_the_collector_is_spared_only_for_the_block():
+    import gc
+
+    from tasks.store import spare_the_collector
+
+    before = gc.get_freeze_count()
+    with spare_the_collector():
+        assert gc.get_freeze_count() > before
+    assert gc.get_freeze_count() == before
