@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from flows import results
-from flows.connect import prefect_session, silence_prefect_console
+from flows.connect import prefect_session, silence_prefect_console, warm_port
 from tasks.errors import UNREADABLE, InvalidInput, ThermocalError, unreadable
 from tasks.settings import CalibrationSettings
 
@@ -358,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth,
                "predict": results.predict, "runs": results.runs, "sensors": results.sensors}[args.command]
     try:
+        if args.command == "run" and not (args.dask or args.dask_address) and (port := warm_port()) is not None:
+            from flows.warm import delegate
+
+            if (code := delegate(port, argv)) is not None:  # run in a fork of the warm process (flows.warm)
+                return code
         return command(args)
     except ThermocalError as error:
         return _fail(error, getattr(args, "json", False))

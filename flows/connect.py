@@ -100,6 +100,20 @@ def _configured_api_url() -> str | None:
     return profiles.get("profiles", {}).get(active, {}).get("PREFECT_API_URL")
 
 
+def warm_port() -> int | None:
+    """The port of the local server whose warm process may run this command (flows.warm): None
+    with THERMOCAL_WARM=0, THERMOCAL_SERVER=ephemeral, a PREFECT_API_URL, or no server running."""
+    from flows import warm
+
+    mode = os.environ.get("THERMOCAL_SERVER", "local").strip().lower() or "local"
+    if not warm.enabled() or mode != "local" or _configured_api_url():
+        return None
+    from flows import daemon
+
+    servers = daemon.running_servers()
+    return servers[0][0] if servers else None
+
+
 def _warm_imports() -> None:
     """While a new local server starts (10-30 s), import what this run will need: Prefect, and the
     libraries a computed stage uses (torch, pandas, pandera, matplotlib), on the other core."""

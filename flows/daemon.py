@@ -230,6 +230,7 @@ def supervise(port: int, idle: float) -> int:
     files = ServerFiles(port)
     files.used.touch()
     server = subprocess.Popen(server_command(port), env=server_env(port), stdin=subprocess.DEVNULL)
+    warm = _start_warm(port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
@@ -239,6 +240,8 @@ def supervise(port: int, idle: float) -> int:
         if server.poll() is not None:
             reason = f"the server exited with code {server.returncode}"
             break
+        if warm is not None and warm.poll() == 0:  # it left because its libraries changed: a fresh one
+            warm = _start_warm(port)
         if idle <= 0 or not healthy(port):
             continue
         if not answered:  # idle time counts from the moment it could first be used
@@ -250,21 +253,31 @@ def supervise(port: int, idle: float) -> int:
             with _locked():
                 if _idle_for(files, port) >= idle:
                     reason = f"unused for {describe_idle(idle).split('after ')[-1].removesuffix(' unused')}"
-                    _end(server, files)
+                    _end(server, files, warm)
                     break
-    _end(server, files)
+    _end(server, files, warm)
     print(f"thermocal: local Prefect server on port {port} stopped ({reason or 'asked to stop'})", flush=True)
     return 0
 
 
-def _end(server: subprocess.Popen, files: ServerFiles) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+def _start_warm(port: int) -> subprocess.Popen | None:
+    """The warm interpreter runs fork from (flows.warm), in this process group; THERMOCAL_WARM=0: none."""
+    from flows import warm
+
+    if not warm.enabled():
+        return None
+    return subprocess.Popen([sys.executable, "-m", "flows.warm", "--port", str(port)], stdin=subprocess.DEVNULL)
+
+
+def _end(server: subprocess.Popen, files: ServerFiles, warm: subprocess.Popen | None = None) -> None:
+    for process in (warm, server):
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
     if files.read_pid() == os.getpid():
         files.pid.unlink(missing_ok=True)
 

@@ -1,5 +1,6 @@
 """Shared fixtures. Prefect writes into PREFECT_HOME, so it points at a temporary folder before Prefect loads."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -37,14 +38,15 @@ def prefect_server():
 
 
 def _local_servers_started_here(folders: tuple[str, ...]) -> list[int]:
-    """Process ids of thermocal local-server supervisors whose PREFECT_HOME lies in one of this
-    session's temporary folders."""
+    """Process ids of thermocal local-server supervisors and warm processes (and runs forked from
+    them) whose PREFECT_HOME lies in one of this session's temporary folders."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"flows.daemon" not in (proc / "cmdline").read_bytes():
+            command = (proc / "cmdline").read_bytes()
+            if b"flows.daemon" not in command and b"flows.warm" not in command:
                 continue
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
@@ -62,7 +64,11 @@ def no_local_server_left_behind(tmp_path_factory):
     yield
     left = _local_servers_started_here(folders)
     for pid in left:
-        os.killpg(pid, signal.SIGKILL)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # a supervisor leads its group
+        except ProcessLookupError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert not left, f"tests left thermocal local servers running: processes {left}"
 
 

@@ -93,7 +93,7 @@ def home(tmp_path):
     """A fresh PREFECT_HOME; whatever server runs for it at the end is killed, and the test fails."""
     path = tmp_path / "prefect-home"
     yield path
-    left = _supervisors(path) + _servers(path, b"uvicorn")
+    left = _supervisors(path) + _servers(path, b"uvicorn") + _servers(path, b"flows.warm")
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"the test left local servers running: {left}"
@@ -122,7 +122,7 @@ def test_first_runs_start_one_server_later_runs_reuse_it_and_stop_ends_it(tmp_pa
     assert len(supervisors) == 1
     pid = supervisors[0]
     assert int((home / f"thermocal-server-{port}.pid").read_text()) == pid
-    assert len(_group(pid)) == 2  # the supervisor and Prefect's server, one process group
+    assert len(_group(pid)) == 3  # the supervisor, Prefect's server and the warm process (flows.warm), one process group
     assert _flow_runs(port) == 2  # both runs are on it, so in its UI
     assert not list((home / f"thermocal-server-{port}.leases").iterdir())  # the runs released it
 
@@ -173,12 +173,12 @@ def test_a_server_killed_under_its_supervisor_is_replaced(tmp_path, home, readin
     env = _env(home, port)
     _finish(_run(env, tmp_path / "store", "--data", str(readings_csv), "--epochs", "50"))
     [pid] = _supervisors(home)
-    [server] = [member for member in _group(pid) if member != pid]
+    [server] = [member for member in _group(pid) if b"uvicorn" in Path(f"/proc/{member}/cmdline").read_bytes()]
     os.kill(server, signal.SIGKILL)  # the supervisor sees its server exit, tidies up and exits
     deadline = time.monotonic() + 120
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _alive(pid)
+    assert not _alive(pid) and not _servers(home, b"flows.warm")  # its warm process went with it
     try:
         result, err = _finish(_run(env, tmp_path / "store", "--data", str(readings_csv), "--epochs", "60"))
         assert "starting a local Prefect server" in err and result["epochs_run"] == 60
