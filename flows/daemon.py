@@ -370,6 +370,8 @@ def ensure(say=lambda line: print(line, file=sys.stderr, flush=True), warm=None)
         skipped = f" (port {first} is in use by another program)" if port != first else ""
         idle = idle_seconds()
         say(f"thermocal: starting a local Prefect server for this and later runs{skipped}; the first start takes 10-30 s")
+        ServerFiles(port).leases.mkdir(parents=True, exist_ok=True)
+        (ServerFiles(port).leases / str(os.getpid())).touch()  # this command's lease (see lease()), before the warm process looks
         pid = start(port, idle, warm=warm)
         ServerFiles(port).used.touch()
     say(f"thermocal: Prefect UI at http://127.0.0.1:{port} (process {pid}, log {ServerFiles(port).log}); {describe_idle(idle)}; "
