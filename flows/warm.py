@@ -167,6 +167,56 @@ def _preload() -> dict:
     return {k: v for k, v in os.environ.items() if before.get(k) != v}
 
 
+def _warm_up() -> None:
+    """Run, once, what every run's first calls would otherwise set up in each fork: torch's
+    kernels for the training ops (a least-squares step, a batched evaluation, autograd's backward
+    and a torch.optim step, whose first call loads torch._dynamo), pandas' CSV parser, a pandera
+    validation, and a matplotlib figure saved as PNG and PDF (its fonts). All on a few numbers, in
+    this thread only: torch starts no thread pool for tensors this small, which the check after it
+    confirms (a fork copies only the thread that forks; numpy's OpenBLAS, whose thread exists from
+    its import, restarts its own in a fork)."""
+    import io
+
+    threads = _threads()
+
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import pandera.pandas as pa
+    import torch
+
+    x, y = torch.linspace(0.0, 1.0, 8), torch.linspace(1.0, 2.0, 8)
+    design = torch.stack([x, torch.ones_like(x)], dim=1)
+    theta = torch.zeros(2)
+    residual = torch.addmv(-y, design, theta)
+    torch.sub(theta, torch.mv(design.T.contiguous(), residual), alpha=0.1)
+    losses = torch.linalg.vecdot(r := torch.addmm(-y, theta[None] + torch.eye(2), design.T.contiguous()), r) / torch.tensor(8.0)
+    bool((losses <= 1e30).all()), bool((theta.abs() <= 1e30).all()), torch.stack([losses[0], losses[1]]), torch.cat([losses, losses])
+    weights = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.SGD([weights], lr=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (((weights[0] * x + weights[1]) - y) ** 2).mean().backward()
+        optimizer.step()
+    table = pd.read_csv(io.StringIO("reading,celsius\n1.0,2.0\n3.0,4.0\n"))
+    pa.DataFrameSchema({"reading": pa.Column(float, pa.Check(lambda s: s > -1e9), coerce=True)}).validate(table, lazy=True)
+    fig, ax = plt.subplots(1, 2, figsize=(5, 2))
+    ax[0].plot([0, 1], [0, 1], "o-", label="readings")
+    ax[1].plot([1, 2], [3, 1])
+    ax[1].set_yscale("log")
+    ax[0].legend()
+    ax[0].set_title("Calibration")
+    fig.tight_layout()
+    fig.savefig(io.BytesIO(), format="png")
+    fig.savefig(io.BytesIO(), format="pdf")
+    plt.close(fig)
+    if _threads() != threads:
+        raise RuntimeError(f"the warm-up started threads ({threads} before, {_threads()} after): forks would miss them")
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+
+
 def _child(conn: socket.socket, request: dict, fds: list[int], imports_set: dict) -> int:
     """In the fork: become the command, run it, return its exit code."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -182,8 +232,9 @@ def _child(conn: socket.socket, request: dict, fds: list[int], imports_set: dict
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
     os.chdir(request["cwd"])
     os.environ.clear()
-    # as after those imports in the command's own process; THERMOCAL_WARM=0: this run runs here, it is not handed on again
-    os.environ.update({**imports_set, **request["env"], "THERMOCAL_WARM": "0"})
+    # as after those imports in the command's own process; THERMOCAL_WARM=0: this run runs here, it
+    # is not handed on again; THERMOCAL_FORKED_FROM: the objects it shares stay frozen (tasks.store)
+    os.environ.update({**imports_set, **request["env"], "THERMOCAL_WARM": "0", "THERMOCAL_FORKED_FROM": str(os.getppid())})
     sys.argv, sys.path[:] = request["argv"], request["path"]
     for name in [m for m in sys.modules if m.split(".")[0] in ("flows", "tasks")]:
         del sys.modules[name]  # thermocal's own code comes from the command's import path, as edited now
@@ -242,6 +293,7 @@ def serve(port: int) -> int:
     _wait_while_leased(port)
     started = fingerprint()  # before the imports, which set variables of their own
     imports_set = _preload()
+    _warm_up()
     import gc
 
     # what every fork shares stays shared: the collector would otherwise write to every object it

@@ -129,7 +129,11 @@ def spare_the_collector():
     imported, about 270,000, some 100 ms each time. In a real run that doubled the seed's
     5000-epoch finite-difference training. Frozen objects are still freed by reference counting,
     and unfrozen at the end, so cycles among them are collected later as before (a long-lived
-    process, `thermocal serve`, does not keep them for good).
+    process, `thermocal serve`, does not keep them for good). A run forked from the warm process
+    (flows.warm, which sets THERMOCAL_FORKED_FROM) unfreezes nothing: the warm process froze its
+    objects so that forks share them, and a full collection over them would write to every one and
+    copy the whole heap into the fork. (gc.get_freeze_count, which could tell, walks every frozen
+    object: 40 ms there.)
     """
     import gc
 
@@ -137,7 +141,8 @@ def spare_the_collector():
     try:
         yield
     finally:
-        gc.unfreeze()
+        if "THERMOCAL_FORKED_FROM" not in os.environ:
+            gc.unfreeze()
 
 
 def release_free_heap() -> None:

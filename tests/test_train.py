@@ -200,3 +200,17 @@ def test_the_collector_is_spared_only_for_the_block():
     with spare_the_collector():
         assert gc.get_freeze_count() > before
     assert gc.get_freeze_count() == before
+
+
+def test_a_run_forked_from_the_warm_process_keeps_what_it_shares_frozen(monkeypatch):
+    import gc
+
+    from tasks.store import spare_the_collector
+
+    monkeypatch.setenv("THERMOCAL_FORKED_FROM", "1")  # as flows.warm sets it in a fork
+    try:
+        with spare_the_collector():
+            pass
+        assert gc.get_freeze_count() > 0  # unfreezing would have the collector write to every shared object
+    finally:
+        gc.unfreeze()
