@@ -108,8 +108,8 @@ def _receive(conn: socket.socket, fds: int = 0) -> tuple[dict, list[int]]:
 def delegate(port: int, argv: list[str]) -> int | None:
     """Run `thermocal ARGV` in a fork of the warm process for the server on `port`; its exit code,
     or None when there is no such process or it is not this command's (the caller runs it itself)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         conn.connect(_address(port))
         request = {"fingerprint": fingerprint(), "argv": [sys.argv[0], *argv], "cwd": os.getcwd(), "env": dict(os.environ),
                    "path": sys.path, "encoding": [sys.stdout.encoding, sys.stderr.encoding]}
@@ -119,6 +119,7 @@ def delegate(port: int, argv: list[str]) -> int | None:
         socket.send_fds(conn, [struct.pack("!I", len(data)) + data], [0, 1, 2])
         answer, _ = _receive(conn)
     except OSError:  # no warm process (yet), or a descriptor that cannot be passed
+        conn.close()
         return None
     if "pid" not in answer:
         conn.close()
@@ -189,8 +190,10 @@ def _warm_up() -> None:
     theta = torch.zeros(2)
     residual = torch.addmv(-y, design, theta)
     torch.sub(theta, torch.mv(design.T.contiguous(), residual), alpha=0.1)
-    losses = torch.linalg.vecdot(r := torch.addmm(-y, theta[None] + torch.eye(2), design.T.contiguous()), r) / torch.tensor(8.0)
-    bool((losses <= 1e30).all()), bool((theta.abs() <= 1e30).all()), torch.stack([losses[0], losses[1]]), torch.cat([losses, losses])
+    residuals = torch.addmm(-y, theta[None] + torch.eye(2), design.T.contiguous())  # two points at once
+    losses = torch.linalg.vecdot(residuals, residuals) / torch.tensor(8.0)
+    bool((losses <= 1e30).all() & (theta.abs() <= 1e30).all())  # the divergence checks
+    torch.cat([torch.stack([losses[0], losses[1]]), losses])
     weights = torch.zeros(2, requires_grad=True)
     optimizer = torch.optim.SGD([weights], lr=0.1)
     for _ in range(2):
