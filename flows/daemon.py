@@ -194,19 +194,22 @@ def describe_idle(seconds: float) -> str:
 # -- the supervisor ---------------------------------------------------------------------------
 
 
-def _in_use(files: ServerFiles, port: int) -> bool:
-    """A command holds a lease (its process lives), or a flow run is running or about to."""
-    leased = False
+def leased(files: ServerFiles) -> bool:
+    """A command holds a lease on the server (its process lives); leases of dead processes are removed."""
+    held = False
     for lease in files.leases.glob("*") if files.leases.is_dir() else []:
-        try:
-            pid = int(lease.name)
-        except ValueError:
+        if not lease.name.isdigit():
             continue
-        if alive(pid):
-            leased = True
+        if alive(int(lease.name)):
+            held = True
         else:
             lease.unlink(missing_ok=True)
-    if leased:
+    return held
+
+
+def _in_use(files: ServerFiles, port: int) -> bool:
+    """A command holds a lease (its process lives), or a flow run is running or about to."""
+    if leased(files):
         return True
     body = json.dumps({"flow_runs": {"state": {"type": {"any_": ["RUNNING", "PENDING", "CANCELLING"]}}}}).encode()
     request = urllib.request.Request(f"{api_url(port)}/flow_runs/count", data=body, headers={"Content-Type": "application/json"})

@@ -145,13 +145,9 @@ def _forward(pid: int, number: int) -> None:
 
 def _wait_while_leased(port: int) -> None:
     """Until no command holds a lease on the server: the imports take a core for seconds."""
-    from flows.daemon import ServerFiles, alive
+    from flows.daemon import ServerFiles, leased
 
-    leases = ServerFiles(port).leases
-    while True:
-        pids = [int(p.name) for p in leases.glob("*") if p.name.isdigit()] if leases.is_dir() else []
-        if not any(alive(pid) for pid in pids):
-            return
+    while leased(ServerFiles(port)):
         time.sleep(0.2)
 
 
