@@ -197,9 +197,7 @@ def describe_idle(seconds: float) -> str:
 def leased(files: ServerFiles) -> bool:
     """A command holds a lease on the server (its process lives); leases of dead processes are removed."""
     held = False
-    for lease in files.leases.glob("*") if files.leases.is_dir() else []:
-        if not lease.name.isdigit():
-            continue
+    for lease in (p for p in files.leases.glob("*") if p.name.isdigit()) if files.leases.is_dir() else []:
         if alive(int(lease.name)):
             held = True
         else:
