@@ -29,7 +29,8 @@ from tasks.stages import (
     validate_calibration,
 )
 from tasks.staging import stage_key
-from tasks.store import Store, sha256_file
+from tasks.durable import sha256_file
+from tasks.store import Store
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,22 @@ def _numeric(series: pd.Series) -> pd.Series:
     return pd.to_numeric(series, errors="coerce")
 
 
+def _all_within(series: pd.Series, low: float) -> bool:
+    """True when a float64 column's values are all finite and at least `low`, judged by its minimum
+    and maximum (NaN makes them NaN): two reductions instead of a temporary boolean array of every
+    row (on 10 million rows 5 ms against 30 ms). False means only that the element-wise check must tell."""
+    if series.dtype != np.float64 or series.empty:
+        return False
+    values = series.to_numpy()
+    lowest, highest = values.min(), values.max()
+    return bool(np.isfinite(lowest) and np.isfinite(highest) and lowest >= low)
+
+
 def readings_schema(reading_column: str, celsius_column: str) -> pa.DataFrameSchema:
-    """Row by row: two numeric, finite, complete columns; celsius at or above absolute zero."""
-    finite = pa.Check(lambda s: ~np.isinf(_numeric(s)), name="finite")
+    """Row by row: two numeric, finite, complete columns; celsius at or above absolute zero. Each
+    check answers True for the whole column when its minimum and maximum show every row passes,
+    and row by row otherwise, so that failures name their rows."""
+    finite = pa.Check(lambda s: _all_within(s, -np.inf) or ~np.isinf(_numeric(s)), name="finite")
     return pa.DataFrameSchema(
         {
             reading_column: pa.Column(float, checks=[finite], coerce=True, nullable=False),
@@ -37,7 +50,8 @@ def readings_schema(reading_column: str, celsius_column: str) -> pa.DataFrameSch
                 checks=[
                     finite,
                     pa.Check(
-                        lambda s: ~(_numeric(s) < ABSOLUTE_ZERO_C),  # NaN is judged by not_nullable
+                        # NaN is judged by not_nullable
+                        lambda s: _all_within(s, ABSOLUTE_ZERO_C) or ~(_numeric(s) < ABSOLUTE_ZERO_C),
                         name="at_or_above_absolute_zero",
                     ),
                 ],
@@ -50,13 +64,18 @@ def readings_schema(reading_column: str, celsius_column: str) -> pa.DataFrameSch
     )
 
 
+def _varies(column: pd.Series) -> bool:
+    values = column.to_numpy()  # NaN is ruled out already; pandas' reductions, which skip it, cost several times more
+    return len(values) < 2 or values.min() < values.max()
+
+
 def table_schema(min_rows: int) -> pa.DataFrameSchema:
     """The whole table: enough rows for the split asked, and readings that vary."""
     return pa.DataFrameSchema(
         checks=[
             pa.Check(lambda df: len(df) >= min_rows, name="enough_rows"),
             # a line through readings that are all equal is not determined
-            pa.Check(lambda df: len(df) < 2 or df[READING].min() < df[READING].max(), name="distinct_readings"),
+            pa.Check(lambda df: _varies(df[READING]), name="distinct_readings"),
         ],
         name="readings table",
     )
@@ -253,18 +272,28 @@ def check_header(
     return found
 
 
-def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows: int, sep: str = ",", decimal: str = ".") -> pd.DataFrame:
-    """The file's readings as float64 columns `reading` and `celsius`, or InvalidInput listing every problem.
-
-    Only the two columns are parsed; the frame pandas returns is validated and kept as it is (no
-    copy), so peak memory is pandas' own parse of those columns.
-    """
+def read_readings(path: Path, reading_column: str, celsius_column: str, sep: str = ",", decimal: str = ".") -> tuple[pd.DataFrame, list]:
+    """The file as pandas parses it (only the two columns when it has others) and its header's
+    column names; InvalidInput when it cannot be read or lacks a column asked for."""
     found = check_header(path, reading_column, celsius_column, sep, decimal)
-    schema = readings_schema(reading_column, celsius_column)
-    wanted = [reading_column, celsius_column]
     # usecols skips extra columns but doubles parse time: only ask for it when there are extra columns
-    frame = _read(path, sep, decimal, usecols=wanted) if len(found) > 2 else _read(path, sep, decimal)
-    failures = _failures(schema, frame)
+    frame = _read(path, sep, decimal, usecols=[reading_column, celsius_column]) if len(found) > 2 else _read(path, sep, decimal)
+    return frame, found
+
+
+def parsed_floats(frame: pd.DataFrame, reading_column: str, celsius_column: str) -> list[np.ndarray] | None:
+    """The two columns as the ingested table will hold them, when that is known before validation:
+    both parsed as float64, which the schema then leaves as they are. None otherwise."""
+    columns = [frame[reading_column], frame[celsius_column]]
+    return [column.to_numpy() for column in columns] if all(column.dtype == np.float64 for column in columns) else None
+
+
+def validate_readings(frame: pd.DataFrame, found: list, path: Path, reading_column: str, celsius_column: str, min_rows: int,
+                      sep: str = ",", decimal: str = ".") -> pd.DataFrame:
+    """The parsed file held to the readings schema, then the table schema: the readings as float64
+    columns `reading` and `celsius`, or InvalidInput listing every problem. The frame pandas
+    returned is validated and kept as it is (no copy)."""
+    failures = _failures(readings_schema(reading_column, celsius_column), frame)
     if failures is not None:
         raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(frame), path, sep, decimal))
     table = frame.rename(columns={reading_column: READING, celsius_column: CELSIUS})[[READING, CELSIUS]].astype(np.float64)
@@ -272,3 +301,9 @@ def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows
         raise _refused(path, _describe_failures(failures, found, reading_column, min_rows, len(table)))
     return table
 
+
+def load_readings(path: Path, reading_column: str, celsius_column: str, min_rows: int, sep: str = ",", decimal: str = ".") -> pd.DataFrame:
+    """The file's readings as float64 columns `reading` and `celsius`, or InvalidInput listing every
+    problem (read_readings, then validate_readings); peak memory is pandas' own parse of the columns."""
+    frame, found = read_readings(path, reading_column, celsius_column, sep, decimal)
+    return validate_readings(frame, found, path, reading_column, celsius_column, min_rows, sep, decimal)

@@ -15,9 +15,10 @@ from prefect import task
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
+from tasks.durable import atomic_write
 from tasks.report import calibration_formula, calibration_markdown
 from tasks.staging import CODE_MODULES, code_version, threaded_task
-from tasks.store import Store, atomic_write
+from tasks.store import Store
 from tasks.uncertainty import expanded
 
 LIBRARIES = ("torch", "prefect", "pandera", "pandas", "numpy", "joblib", "pydantic", "matplotlib")
@@ -242,7 +243,7 @@ def record_sweep(store: str, data: str, data_sha256: str, results: list[dict]) -
     import pandas as pd
 
     from tasks.report import plot_comparison
-    from tasks.store import write_json
+    from tasks.durable import write_json
 
     s = Store(store)
     now = datetime.now(timezone.utc)

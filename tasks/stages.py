@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger
 
 from tasks.progress import TrainingProgress
-from tasks.staging import READABLE_ROWS, csv_file, joblib_file, json_file, stage
+from tasks.staging import READABLE_ROWS, columns_file, csv_file, joblib_file, json_file, stage
 from tasks.store import Store, spare_the_collector
 
 NAMED_OUTLIERS = 20  # a warning names this many outliers (the first by line) and counts the rest
@@ -28,14 +28,35 @@ NAMED_OUTLIERS = 20  # a warning names this many outliers (the first by line) an
 def ingest_readings(store: str, key: str, data_sha256: str, reading_column: str, celsius_column: str, min_rows: int, data: str,
                     sep: str = ",", decimal: str = ".") -> dict:
     """Read the CSV (fields separated by `sep`, numbers with the `decimal` mark) and validate it against the readings schema."""
-    from tasks.ingest import load_readings
+    from tasks.ingest import CELSIUS, READING, parsed_floats, read_readings, validate_readings
 
-    table = load_readings(Path(data), reading_column, celsius_column, min_rows, sep, decimal)
-    get_run_logger().info("ingested %d valid readings from %s", len(table), data)
-    files = {"ingest.joblib": joblib_file(table)}
-    if len(table) <= READABLE_ROWS:
-        files["readings.csv"] = csv_file(table)
-    return Store(store).write_stage("ingest", key, files, {"rows": len(table), "data_sha256": data_sha256})
+    path = Path(data)
+    frame, found = read_readings(path, reading_column, celsius_column, sep, decimal)
+    columns = parsed_floats(frame, reading_column, celsius_column)
+
+    def validated():
+        return validate_readings(frame, found, path, reading_column, celsius_column, min_rows, sep, decimal)
+
+    with Store(store).stage_folder("ingest", key) as folder:
+        if columns is not None:  # written while the schemas are checked; installed only if they hold
+            table = folder.write("ingest.npy", columns_file(columns), beside_it=validated)
+        else:
+            table = validated()
+            folder.write("ingest.npy", columns_file([table[READING].to_numpy(), table[CELSIUS].to_numpy()]))
+        get_run_logger().info("ingested %d valid readings from %s", len(table), data)
+        if len(table) <= READABLE_ROWS:
+            folder.write("readings.csv", csv_file(table))
+        return folder.install({"rows": len(table), "data_sha256": data_sha256})
+
+
+def _table(store: Store, ingest: dict):
+    """The ingested table (ingest.npy: one float64 column each for reading and °C) as a DataFrame
+    over the loaded array, without a copy."""
+    import pandas as pd
+
+    from tasks.ingest import CELSIUS, READING
+
+    return pd.DataFrame(store.load(ingest), columns=[READING, CELSIUS], copy=False)
 
 
 @stage("normalize", ("tasks.stages", "tasks.normalize", "tasks.errors"))
@@ -45,7 +66,7 @@ def normalize_readings(store: str, key: str, ingest: dict, method: str, scale: f
     from tasks.normalize import fit_normalizer
 
     s = Store(store)
-    readings = s.load(ingest)[READING].to_numpy()
+    readings = _table(s, ingest)[READING].to_numpy()
     normalizer = fit_normalizer(readings, method, scale if scale is not None else 0.1)
     output = {"normalizer": normalizer.to_dict(), "x": normalizer.apply(readings)}
     files = {"normalize.joblib": joblib_file(output), "normalize.json": json_file(normalizer.to_dict())}
@@ -74,7 +95,7 @@ def _rows(store: Store, ingest: dict, split: dict, table=None):
     hash (`table`: the ingested table, when the caller has loaded it already)."""
     from tasks.ingest import CELSIUS, READING
 
-    table, idx = store.load(ingest) if table is None else table, store.load(split)
+    table, idx = _table(store, ingest) if table is None else table, store.load(split)
     return table[READING].to_numpy(), table[CELSIUS].to_numpy(), idx["train"], idx["validation"]
 
 
@@ -144,7 +165,7 @@ def train_calibration(
         seconds = time.perf_counter() - started
     except TrainingDiverged as error:
         progress.close()  # its lines before the error
-        readings = s.load(ingest)[READING].to_numpy()
+        readings = _table(s, ingest)[READING].to_numpy()
         hint = advice(model, readings[train_idx], y_train.double().numpy(), normalizer, seed, epochs, all_raw=readings)
         raise TrainingDiverged(f"{error} {hint} No model was saved.") from None
     finally:
@@ -254,7 +275,7 @@ def infer_celsius(store: str, key: str, ingest: dict, split: dict, train: dict, 
     from tasks.evaluate import predictions_table
 
     s = Store(store)
-    table, trained = s.load(ingest), s.load(train)
+    table, trained = _table(s, ingest), s.load(train)
     raw, celsius, _, val_idx = _rows(s, ingest, split, table)
     calibration = Calibration.from_record(trained["model"])
     dataset = predictions_table(calibration, raw, celsius, val_idx, trained.get("excluded"))
@@ -291,7 +312,7 @@ def report_run(store: str, key: str, ingest: dict, train: dict, validate: dict, 
     subset = predictions["dataset"]["subset"]
     new_predictions = predictions.get("records", predictions["new"].to_dict(orient="records"))
     del predictions
-    points = s.load(ingest)
+    points = _table(s, ingest)
     points["subset"] = subset.array  # the categorical as it is, row for row
     summary = {
         "model": model_summary(calibration),

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.store import limit_heap_retention, sha256_json, write_json
+from tasks.durable import sha256_json, write_buffers, write_json
+from tasks.store import limit_heap_retention
 
 # the modules whose source decides each stage's output; editing one invalidates that stage's cache
 CODE_MODULES: dict[str, tuple[str, ...]] = {}
@@ -67,8 +68,8 @@ def threaded_task(**options):
 
 def stage(name: str, modules: tuple[str, ...]):
     """A pipeline stage as a cached Prefect task; `modules`: the source that decides its output
-    (its own module first), keyed with tasks.staging and tasks.store."""
-    CODE_MODULES[name] = (*modules, "tasks.staging", "tasks.store")
+    (its own module first), keyed with tasks.staging, tasks.store and tasks.durable."""
+    CODE_MODULES[name] = (*modules, "tasks.staging", "tasks.store", "tasks.durable")
     return threaded_task(name=name, task_run_name=name, cache_key_fn=_cache_key, result_serializer="json", persist_result=True)
 
 
@@ -94,6 +95,22 @@ def joblib_file(value):
     import joblib
 
     return lambda path: joblib.dump(_canonical(value), path)
+
+
+def columns_file(columns: list):
+    """The columns (equally long float64 arrays) as one .npy file of shape (rows, columns) in
+    Fortran order: exactly np.save's bytes for that array, written from the columns as they are,
+    with no array built for it (tasks.durable.write_buffers)."""
+    import io
+
+    import numpy as np
+
+    arrays = [np.ascontiguousarray(column, dtype=np.float64) for column in columns]
+    header = io.BytesIO()
+    shape = (len(arrays[0]) if arrays else 0, len(arrays))
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),
+                                                  "fortran_order": True, "shape": shape})
+    return lambda path: write_buffers(path, [header.getvalue(), *arrays])
 
 
 def csv_file(frame):

@@ -1,7 +1,7 @@
 """The store: stage outputs addressed by cache key, written atomically, loaded only when their hash matches.
 
 Layout under the store root (default data/runs):
-    stages/<NN_stage>/<key>/<stage>.joblib   the stage's output as data, plus readable CSV/JSON/PNG
+    stages/<NN_stage>/<key>/<stage>.joblib   the stage's output as data (ingest: ingest.npy), plus readable CSV/JSON/PNG
     stages/<NN_stage>/<key>/meta.json        every file of the stage with its sha256
     <run_id>/manifest.json                   one run: inputs, parameters, versions, stage files and hashes
     .records/                                Prefect's cache records (which key produced which stage ref)
@@ -13,22 +13,19 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import hashlib
 import json
 import os
 import re
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-
+from tasks.durable import Written, beside, fsync_dir, sha256_file, stat_fingerprint, synced_sha256, write_json
 from tasks.errors import StoreError
 
 STAGES = ("ingest", "normalize", "split", "train", "validate", "infer", "report")
 RUN_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{8}$")
-_CHUNK = 1 << 20
 
 
 FLEET_STAGES = ("fleet-ingest", "fleet-train", "fleet-validate", "fleet-infer", "fleet-report")
@@ -40,50 +37,6 @@ def stage_folder(stage: str) -> str:
     if stage in FLEET_STAGES:
         return f"fleet/{FLEET_STAGES.index(stage) + 1:02d}_{stage.removeprefix('fleet-')}"
     return f"{STAGES.index(stage) + 1:02d}_{stage}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fingerprint(path: Path) -> list[int]:
-    info = path.stat()
-    return [info.st_size, info.st_mtime_ns]
-
-
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
-def _synced_sha256(path: Path) -> str:
-    """fsync the file and return its sha256, the two at once: fsync waits on the disk and hashing
-    reads the page cache, both without the GIL (on 160 MB: about 0.25 s each, 0.25 s together)."""
-    failed: list[BaseException] = []
-
-    def sync() -> None:
-        try:
-            _fsync_file(path)
-        except BaseException as error:  # re-raised in the caller
-            failed.append(error)
-
-    syncing = threading.Thread(target=sync, name="store-fsync")
-    syncing.start()
-    try:
-        digest = sha256_file(path)
-    finally:
-        syncing.join()
-    if failed:
-        raise failed[0]
-    return digest
 
 
 LARGE_LOAD = 32 << 20  # bytes; loading a file at least this large first hands freed heap back
@@ -157,32 +110,6 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary sibling, fsync it, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"))
-
-
 class Store:
     """A store root; every path it hands out stays below that root."""
 
@@ -210,31 +137,24 @@ class Store:
 
     # -- stages -------------------------------------------------------------------------------
 
-    def write_stage(self, stage: str, key: str, files: dict[str, Callable[[Path], None]], summary: dict | None = None) -> dict:
-        """Write a stage's files into a fresh folder and rename it into place as a whole.
-
-        `files` maps a file name to a writer; the first is the stage's main file. Returns the
-        stage ref: the data a downstream stage needs to find and verify this output.
-        """
-        final = self.stage_dir(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex}"
-        tmp.mkdir()
-        try:
-            hashes, stats = {}, {}
+    def write_stage(self, stage: str, key: str, files: dict[str, Callable[[Path], Any]], summary: dict | None = None) -> dict:
+        """Write a stage's files (name -> writer; the first is the stage's main file) into a fresh
+        folder and rename it into place as a whole. Returns the stage ref: the data a downstream
+        stage needs to find and verify this output."""
+        with self.stage_folder(stage, key) as folder:
             for name, write in files.items():
-                write(tmp / name)
-                hashes[name] = _synced_sha256(tmp / name)
-                stats[name] = _fingerprint(tmp / name)  # rename keeps size and mtime
-            main = next(iter(files))
-            meta = {"stage": stage, "key": key, "main": main, "files": hashes, "stat": stats, "summary": summary or {}}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            _fsync_dir(tmp)
-            self._install(tmp, final)
+                folder.write(name, write)
+            return folder.install(summary)
+
+    @contextlib.contextmanager
+    def stage_folder(self, stage: str, key: str):
+        """A StageFolder for the block; whatever it holds when the block ends uninstalled is removed."""
+        folder = StageFolder(self, stage, key)
+        try:
+            yield folder
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return self.stage_ref(stage, key)
+            if folder.tmp.exists():
+                shutil.rmtree(folder.tmp, ignore_errors=True)
 
     def _install(self, tmp: Path, final: Path) -> None:
         try:
@@ -247,7 +167,7 @@ class Store:
             os.rename(final, trash)
             os.rename(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def intact(self, folder: Path) -> bool:
         """True when the folder's meta.json exists and every file it lists has its recorded content.
@@ -260,7 +180,7 @@ class Store:
             meta = json.loads((folder / "meta.json").read_text())
             stats = meta.get("stat", {})
             return all(
-                _fingerprint(folder / name) == stats.get(name) or sha256_file(folder / name) == digest
+                stat_fingerprint(folder / name) == stats.get(name) or sha256_file(folder / name) == digest
                 for name, digest in meta["files"].items()
             )
         except (OSError, ValueError, KeyError, TypeError):
@@ -300,7 +220,8 @@ class Store:
         return path
 
     def load(self, ref: dict) -> Any:
-        """joblib.load the stage's main file, only if it still has the hash recorded when it was written."""
+        """Load the stage's main file (np.load a .npy, joblib.load any other), only if it still has
+        the hash recorded when it was written."""
         path = self.path(ref["path"])
         try:
             actual = sha256_file(path)
@@ -314,7 +235,11 @@ class Store:
             )
         if path.stat().st_size >= LARGE_LOAD:
             release_free_heap()  # what earlier stages freed, before this file adds its own
-        import joblib  # here: `thermocal runs` and a cached run never load a stage, nor numpy with joblib
+        if path.suffix == ".npy":
+            import numpy as np  # here: `thermocal runs` and a cached run never load a stage, nor numpy
+
+            return np.load(path, allow_pickle=False)
+        import joblib
 
         return joblib.load(path)
 
@@ -371,3 +296,42 @@ class Store:
             return json.loads(path.read_text())
         except FileNotFoundError:
             raise StoreError(f"no run {run_id!r} in {self.root}; `thermocal runs` lists them") from None
+
+
+class StageFolder:
+    """A stage's output while it is written: files go into a fresh hidden folder beside the final
+    one, and `install` renames it into place as a whole, with meta.json listing every file's hash,
+    size and modification time. Store.stage_folder removes it if the block ends uninstalled."""
+
+    def __init__(self, store: Store, stage: str, key: str):
+        self.store, self.stage, self.key = store, stage, key
+        self.final = store.stage_dir(stage, key)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex}"
+        self.tmp.mkdir()
+        self.hashes: dict[str, str] = {}
+        self.stats: dict[str, list[int]] = {}
+
+    def write(self, name: str, writer: Callable[[Path], Any], beside_it: Callable[[], Any] | None = None) -> Any:
+        """Write one file (the first written is the stage's main file) and record its hash. With
+        `beside_it`, the file is written in a thread while beside_it() runs here; its result is
+        returned; if it raises, the file is still finished first, and the stage is left uninstalled."""
+        path = self.tmp / name
+
+        def write() -> None:
+            written = writer(path)
+            self.hashes[name] = written if isinstance(written, Written) else synced_sha256(path)
+            self.stats[name] = stat_fingerprint(path)  # a rename keeps size and mtime
+
+        if beside_it is None:
+            return write()
+        return beside(write, beside_it)
+
+    def install(self, summary: dict | None = None) -> dict:
+        """Write meta.json and rename the folder into place; returns the stage ref."""
+        meta = {"stage": self.stage, "key": self.key, "main": next(iter(self.hashes)), "files": self.hashes, "stat": self.stats,
+                "summary": summary or {}}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        fsync_dir(self.tmp)
+        self.store._install(self.tmp, self.final)
+        return self.store.stage_ref(self.stage, self.key)

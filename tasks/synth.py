@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tasks.durable import atomic_write
 from tasks.errors import InvalidInput
-from tasks.store import atomic_write
 
 # the seed's thermometer, as least squares sees it: °C = 0.536772 × reading − 17.30479
 HIDDEN_SLOPE, HIDDEN_INTERCEPT = 0.536772, -17.30479

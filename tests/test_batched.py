@@ -25,11 +25,21 @@ RUNS = {"linear": (0.1, 300), "poly:2": (0.1, 300), "mlp:4": (0.02, 200)}
 ADAFACTOR_LR = 0.01  # at 0.1 its relative steps make even one model's training depend on the order of its rows
 
 
-def _atol(strategy: str) -> float:
+def _atol(strategy: str, spec: str) -> float:
     """Parameters' absolute tolerance: finite differences of float32 losses carry rounding of about
     ulp(loss) / 2 delta into every gradient (1e-4 while the loss is near 100), and the parameters
-    gather it over the epochs; two single runs of the same rows in another order differ as much."""
-    return 1e-4 if strategy == "finite-difference" else 1e-5
+    gather it over the epochs; two single runs of the same rows in another order differ as much.
+    The network's descent amplifies it further: on an AVX-512 machine two single runs of one
+    bootstrap sample's rows, reordered, parted by up to 4.4e-4 after its 200 epochs (linear and
+    quadratic models: under 1e-6)."""
+    if strategy != "finite-difference":
+        return 1e-5
+    return 1e-3 if spec.startswith("mlp") else 1e-4
+
+
+def _rtol(strategy: str, spec: str) -> float:
+    """Relative tolerance of parameters and losses: as _atol, wider for the network's finite differences."""
+    return 1e-3 if strategy == "finite-difference" and spec.startswith("mlp") else 1e-4
 
 
 @pytest.fixture
@@ -90,8 +100,8 @@ def test_each_model_trains_as_it_would_alone(strategy, optimizer, spec, kind, st
     assert result.stopped_by == ["epochs"] * B and result.epochs_run.tolist() == [epochs] * B and not result.diverged_at.any()
     for b in range(B):
         single = _single(model, f, targets, weights, b, strategy=strategy, optimizer=optimizer, lr=lr, epochs=epochs)
-        np.testing.assert_allclose(result.params[b], single.params, rtol=1e-4, atol=_atol(strategy))
-        np.testing.assert_allclose(result.train_loss[b], single.train_loss, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(result.params[b], single.params, rtol=_rtol(strategy, spec), atol=_atol(strategy, spec))
+        np.testing.assert_allclose(result.train_loss[b], single.train_loss, rtol=_rtol(strategy, spec), atol=1e-6)
     assert not np.allclose(result.train_loss[0], result.train_loss[1], rtol=1e-3)  # the models did differ
 
 
@@ -119,7 +129,7 @@ def test_each_model_stops_by_tol_when_it_would_alone(strategy, optimizer, spec, 
         np.testing.assert_allclose(result.train_loss[b, :run], single.train_loss, rtol=1e-4, atol=1e-6)
         assert np.isnan(result.train_loss[b, run:]).all()
         # the parameters of the epoch it stopped at, unchanged while the others went on
-        np.testing.assert_allclose(result.params[b], single.params, rtol=1e-4, atol=_atol(strategy))
+        np.testing.assert_allclose(result.params[b], single.params, rtol=1e-4, atol=_atol(strategy, spec))
 
 
 def test_validation_stops_each_model_at_its_own_best():
@@ -184,7 +194,7 @@ def test_a_diverging_model_stops_alone(strategy, optimizer, standardized):
         np.testing.assert_allclose(result.params[1], before.params, rtol=1e-4)
     for b in (0, 2):
         single = train_model(readings[b], y, None, None, **options)
-        np.testing.assert_allclose(result.params[b], single.params, rtol=1e-4, atol=_atol(strategy))
+        np.testing.assert_allclose(result.params[b], single.params, rtol=1e-4, atol=_atol(strategy, "linear"))
         np.testing.assert_allclose(result.train_loss[b], single.train_loss, rtol=1e-4, atol=1e-6)
 
 

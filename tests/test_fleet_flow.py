@@ -197,7 +197,7 @@ def _partition_outputs(result: dict) -> dict[str, str]:
     """The content hash of each partition's train, validate and infer output, and of the fleet's tables."""
     found = manifest(result)
     report = Path(result["sensors_table"]).parent
-    from tasks.store import sha256_file
+    from tasks.durable import sha256_file
 
     hashes = {name: sha256_file(report / name) for name in ("sensors.csv", "sensors.joblib", "calibrations.joblib")}
     for partition in found["partitions"]:

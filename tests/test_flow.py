@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from flows.cli import main
-from tasks.store import sha256_file
+from tasks.durable import sha256_file
+from tests.conftest import SHIPPED_DATA
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -139,9 +140,14 @@ def test_every_stage_persists_and_the_manifest_records_it(capsys, tmp_path, read
     assert m["code"]["sha256"]
     for name in STAGES:
         path = Path(result["stages"][name]["path"])
-        assert path.name == f"{name}.joblib" and path.parent.parent.name.endswith(name)
+        assert path.name == f"{name}.{'npy' if name == 'ingest' else 'joblib'}" and path.parent.parent.name.endswith(name)
         assert sha256_file(path) == m["stages"][name]["sha256"]
-        joblib.load(path)  # every stage file is data joblib can open
+        if name != "ingest":
+            joblib.load(path)  # every other stage file is data joblib can open
+    # the ingested table is a plain array, no pickle: the file's readings and °C, one column each
+    table = np.load(result["stages"]["ingest"]["path"], allow_pickle=False)
+    assert table.dtype == np.float64 and table.flags.f_contiguous
+    np.testing.assert_array_equal(table, pd.read_csv(readings_csv)[["reading", "celsius"]].to_numpy())
     trained = joblib.load(result["stages"]["train"]["path"])
     assert {k: float(v) for k, v in trained["model"]["parameters"].items()} == result["model"]["parameters"]
     assert len(trained["history"]["train_loss"]) == len(trained["history"]["val_loss"]) == result["epochs_run"]
@@ -229,9 +235,22 @@ def test_predict_and_runs_use_the_persisted_model(capsys, tmp_path, readings_csv
     assert first["run_id"] in out and "autograd" in out
 
 
+def test_whole_numbers_are_ingested_as_float64(capsys, tmp_path):
+    """A file of whole numbers parses as int64: its table is written from the validated, float64
+    columns (a file of floats is written while the schemas are checked), with the same numbers."""
+    table = pd.read_csv(SHIPPED_DATA).round().astype(int)
+    path = tmp_path / "whole.csv"
+    table.to_csv(path, index=False)
+    result = run_json(capsys, tmp_path / "store", path)
+    ingested = np.load(result["stages"]["ingest"]["path"], allow_pickle=False)
+    assert ingested.dtype == np.float64
+    np.testing.assert_array_equal(ingested, table[["reading", "celsius"]].to_numpy(np.float64))
+    assert sha256_file(Path(result["stages"]["ingest"]["path"])) == manifest(result)["stages"]["ingest"]["sha256"]
+
+
 def test_human_output_says_where_everything_went(capsys, tmp_path, readings_csv):
     code, out, _ = run(capsys, "run", "--store", str(tmp_path / "store"), "--data", str(readings_csv), "--epochs", "100")
     assert code == 0
     assert "calibration: °C =" in out and "manifest in" in out and "plot:" in out
     for name in STAGES:
-        assert f"{name}.joblib" in out
+        assert f"{name}.{'npy' if name == 'ingest' else 'joblib'}" in out

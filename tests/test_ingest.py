@@ -125,3 +125,42 @@ def test_messages_name_sep_and_decimal(tmp_path):
     assert "separated by ';': give --sep ';' (and --decimal ',' if its numbers are written 0,5)" in message
     tabbed = _write(tmp_path, "reading\tcelsius\n1\t2\n")
     assert "give --sep tab" in str(pytest.raises(InvalidInput, load_readings, tabbed, "reading", "celsius", 1).value)
+
+
+@pytest.mark.parametrize(
+    "body, early",
+    [
+        ("reading,celsius\n" + GOOD_ROWS, True),  # both parsed as float64: written while the schemas are checked
+        ("reading,celsius\n1,2\n2,3\n3,4\n4,5\n5,7\n", False),  # integers: written from the validated (float64) table
+        ("reading,celsius,note\n1.5,2,a\n2.5,3,b\n3.5,4,c\n4.5,5,d\n5.5,7,e\n", False),
+    ],
+)
+def test_the_columns_written_early_are_the_validated_table(tmp_path, body, early):
+    import numpy as np
+
+    from tasks.ingest import parsed_floats, read_readings, validate_readings
+
+    path = _write(tmp_path, body)
+    frame, found = read_readings(path, "reading", "celsius")
+    columns = parsed_floats(frame, "reading", "celsius")
+    table = validate_readings(frame, found, path, "reading", "celsius", 5)
+    assert (columns is not None) == early
+    expected = pd.read_csv(path)[["reading", "celsius"]].to_numpy(np.float64)
+    np.testing.assert_array_equal(table.to_numpy(), expected)
+    if early:
+        np.testing.assert_array_equal(np.stack(columns, axis=1), expected)
+        assert all(np.shares_memory(c, frame[name].to_numpy()) for c, name in zip(columns, ["reading", "celsius"]))  # no copy
+
+
+@pytest.mark.parametrize("bad, message", [("inf", "inf is not finite"), ("-inf", "-inf is not finite"), ("-273.16", "below absolute zero")])
+@pytest.mark.parametrize("where", [0, 4])
+def test_a_single_bad_row_is_named_wherever_it_is(tmp_path, bad, message, where):
+    """The checks answer for the whole column from its minimum and maximum; one bad value anywhere
+    sends them back to row-by-row, which names it."""
+    rows = GOOD_ROWS.splitlines()
+    column = "reading" if "inf" in bad else "celsius"
+    rows[where] = f"{bad},2.0" if column == "reading" else f"1.0,{bad}"
+    path = _write(tmp_path, "reading,celsius\n" + "\n".join(rows) + "\n")
+    error = str(pytest.raises(InvalidInput, _load, path).value)
+    assert f"line {where + 2} (row {where + 1}), column '{column}'" in error and message in error
+    assert "1 problem(s)" in error

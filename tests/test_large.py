@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from flows.cli import main
+from tasks.durable import sha256_file
 from tasks.model import least_squares
-from tasks.store import sha256_file
 from tasks.synth import HIDDEN_INTERCEPT, HIDDEN_SLOPE, write_synthetic
 from tests.test_flow import run_json
 

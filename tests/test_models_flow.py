@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.store import sha256_file
+from tasks.durable import sha256_file
 from tests.test_flow import STAGES, manifest, run, run_json, task_states
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

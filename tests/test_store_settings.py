@@ -6,9 +6,10 @@ import joblib
 import pytest
 from pydantic import ValidationError
 
+from tasks.durable import sha256_file
 from tasks.errors import StoreError
 from tasks.settings import CalibrationSettings, describe_validation_error
-from tasks.store import Store, sha256_file
+from tasks.store import Store
 
 KEY = "ab" * 32
 
@@ -155,3 +156,76 @@ def test_the_plot_draws_the_fitted_curve_densely_over_the_calibrated_range(tmp_p
     dense = seen[0]
     assert len(dense) >= 100 and dense.min() == 10.0 and dense.max() == 30.0  # the calibrated range, densely
     assert seen[1].min() == 30.0 and seen[1].max() == 45.0  # beyond it (dashed), up to the last reading
+
+
+def test_buffers_are_written_whole_hashed_and_synced(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    import numpy as np
+
+    from tasks.durable import Written, write_buffers
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd)))
+    column = np.arange(300_000, dtype=np.float64)
+    digest = write_buffers(tmp_path / "x.bin", [b"head", column, column[::-1].copy()])
+    data = (tmp_path / "x.bin").read_bytes()
+    assert data == b"head" + column.tobytes() + column[::-1].tobytes()
+    assert isinstance(digest, Written) and digest == hashlib.sha256(data).hexdigest()
+    assert synced  # on disk before the hash is handed out
+    with pytest.raises(FileExistsError):  # never over a file that exists
+        write_buffers(tmp_path / "x.bin", [b"other"])
+    assert (tmp_path / "x.bin").read_bytes() == data
+
+
+def test_columns_file_is_numpys_own_npy_and_loads_as_the_table(tmp_path):
+    import numpy as np
+
+    from tasks.staging import columns_file
+
+    reading, celsius = np.linspace(20, 90, 1001), np.linspace(-5, 40, 1001)
+    np.save(tmp_path / "numpy.npy", np.asfortranarray(np.stack([reading, celsius], axis=1)))
+    store = Store(tmp_path / "store")
+    ref = store.write_stage("ingest", KEY, {"ingest.npy": columns_file([reading, celsius])})
+    assert (store.root / ref["path"]).read_bytes() == (tmp_path / "numpy.npy").read_bytes()
+    assert ref["sha256"] == sha256_file(tmp_path / "numpy.npy")
+    loaded = store.load(ref)
+    np.testing.assert_array_equal(loaded[:, 0], reading)
+    np.testing.assert_array_equal(loaded[:, 1], celsius)
+
+
+def test_a_stage_written_beside_a_failing_check_is_never_installed(tmp_path):
+    import numpy as np
+
+    from tasks.staging import columns_file
+
+    store = Store(tmp_path)
+
+    def check():
+        raise ValueError("row 3 is bad")
+
+    with pytest.raises(ValueError, match="row 3 is bad"):
+        with store.stage_folder("ingest", KEY) as folder:
+            folder.write("ingest.npy", columns_file([np.ones(10), np.zeros(10)]), beside_it=check)
+            folder.install()
+    assert not store.stage_intact("ingest", KEY)
+    assert not list((tmp_path / "stages" / "01_ingest").iterdir())  # not even a temporary folder
+
+    def failing_writer(path):
+        path.write_bytes(b"part")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        with store.stage_folder("ingest", KEY) as folder:
+            folder.write("ingest.npy", failing_writer, beside_it=lambda: "checked")
+            folder.install()
+    assert not list((tmp_path / "stages" / "01_ingest").iterdir())
+
+    with store.stage_folder("ingest", KEY) as folder:
+        assert folder.write("ingest.npy", columns_file([np.ones(10), np.arange(10.0)]), beside_it=lambda: "checked") == "checked"
+        folder.write("note.txt", lambda path: path.write_text("hi"))
+        ref = folder.install({"rows": 10})
+    assert ref["summary"] == {"rows": 10} and ref["path"].endswith("ingest.npy") and set(ref["files"]) == {"ingest.npy", "note.txt"}
+    np.testing.assert_array_equal(store.load(ref)[:, 1], np.arange(10.0))
+    assert store.stage_intact("ingest", KEY)

@@ -7,7 +7,7 @@ import joblib
 import pandas as pd
 import pytest
 
-from tasks.store import sha256_file
+from tasks.durable import sha256_file
 from tests.conftest import SHIPPED_DATA
 from tests.test_flow import run
 
