@@ -17,7 +17,13 @@ from pathlib import Path
 from flows import results
 from flows.connect import prefect_session, silence_prefect_console, warm_port
 from tasks.errors import UNREADABLE, InvalidInput, ThermocalError, unreadable
-from tasks.settings import CalibrationSettings
+
+if typing.TYPE_CHECKING:
+    from tasks.settings import CalibrationSettings
+
+# the commands whose options are CalibrationSettings' fields: only their parsers import it (and
+# pydantic, 0.1-0.2 s here), so that `predict`, `runs` and `--help` answer without it
+SETTINGS_COMMANDS = ("run", "serve", "sweep")
 
 
 def _add_store(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +52,8 @@ def _option(name: str, field) -> tuple[str, dict]:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """`--data`, `--store`, `--predict`, and one option per field of CalibrationSettings."""
+    from tasks.settings import CalibrationSettings
+
     parser.add_argument("--data", default="data/readings.csv", help="CSV of paired readings (default: %(default)s)")
     _add_store(parser)
     for name, field in CalibrationSettings.model_fields.items():
@@ -76,7 +84,10 @@ class _Parser(argparse.ArgumentParser):
         raise InvalidInput(f"{message} (see {self.prog} --help)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The command line's parser; the settings' options only on `command`'s parser when it takes
+    them (the others' are never read, and `--help` lists commands by name)."""
+    settings = command in SETTINGS_COMMANDS
     parser = _Parser(prog="thermocal", description="Learn a thermometer's calibration by gradient descent.")
     parser.add_argument("--version", action="version", version=_version(), help="print thermocal's version (and Prefect's and torch's)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                "  thermocal run --predict 45 60.2                       the shipped readings; convert two new ones\n"
                "  thermocal run --data logger.csv --reading-column Raw_mV --celsius-column Ref_C --model poly:2",
     )
-    _add_run_options(run)
+    if settings:
+        _add_run_options(run)
     run.add_argument("--json", action="store_true", help="print one JSON object")
     _add_runner_options(run, "a fleet's partitions")
 
@@ -98,7 +110,8 @@ def _parser() -> argparse.ArgumentParser:
     when.add_argument("--cron", help="cron schedule, e.g. '0 * * * *' for hourly")
     when.add_argument("--interval", type=float, metavar="SECONDS", help="run every SECONDS")
     serve.add_argument("--name", default="scheduled", help="deployment name (default: %(default)s)")
-    _add_run_options(serve)
+    if settings:
+        _add_run_options(serve)
 
     sweep = commands.add_parser("sweep", help="train a grid of strategies, learning rates and normalizations in one flow")
     sweep.add_argument("--strategies", default="analytic", help="comma-separated, e.g. analytic,autograd (default: %(default)s)")
@@ -106,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--normalizations", default="standard", help="comma-separated, e.g. scale,standard (default: %(default)s)")
     sweep.add_argument("--models", help="comma-separated model specs, e.g. linear,poly:2,poly:3,mlp:13 (default: --model)")
     _add_runner_options(sweep, "trainings")
-    _add_run_options(sweep)
+    if settings:
+        _add_run_options(sweep)
     sweep.add_argument("--json", action="store_true", help="print the comparison rows as JSON")
 
     server = commands.add_parser("server", help="a local Prefect server and UI on 127.0.0.1")
@@ -156,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace) -> CalibrationSettings:
     from pydantic import ValidationError
 
-    from tasks.settings import describe_validation_error
+    from tasks.settings import CalibrationSettings, describe_validation_error
 
     fields = {name: getattr(args, name) for name in CalibrationSettings.model_fields}
     try:
@@ -352,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `thermocal` and `python -m flows`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = _parser().parse_args(argv)
+        # the command: the first word (thermocal's own options, --help and --version, take no value)
+        args = _parser(next((word for word in argv if not word.startswith("-")), None)).parse_args(argv)
     except InvalidInput as error:
         return _fail(error, "--json" in argv)
     command = {"run": _run, "sweep": _sweep, "serve": _serve, "server": _server, "synth": _synth,
