@@ -148,13 +148,18 @@ class Store:
 
     @contextlib.contextmanager
     def stage_folder(self, stage: str, key: str):
-        """A StageFolder for the block; whatever it holds when the block ends uninstalled is removed."""
+        """A StageFolder for the block. If the block ends before it is installed, it is removed, and
+        so are the folders made for it that are left empty: a file that fails its checks leaves the
+        store as it was."""
         folder = StageFolder(self, stage, key)
         try:
             yield folder
         finally:
             if folder.tmp.exists():
                 shutil.rmtree(folder.tmp, ignore_errors=True)
+                for made in folder.made:  # the deepest first; one another run has filled stays
+                    with contextlib.suppress(OSError):
+                        made.rmdir()
 
     def _install(self, tmp: Path, final: Path) -> None:
         try:
@@ -306,9 +311,15 @@ class StageFolder:
     def __init__(self, store: Store, stage: str, key: str):
         self.store, self.stage, self.key = store, stage, key
         self.final = store.stage_dir(stage, key)
-        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.made = [p for p in (self.final.parent, *self.final.parent.parents) if p.is_relative_to(store.root) and not p.exists()]
         self.tmp = self.final.parent / f".tmp-{key[:12]}-{uuid.uuid4().hex}"
-        self.tmp.mkdir()
+        for attempt in range(3):
+            try:
+                self.tmp.mkdir(parents=True)  # with the stage's folder, unless it exists
+                break
+            except FileNotFoundError:  # another run's failure removed that folder as this one made it
+                if attempt == 2:
+                    raise
         self.hashes: dict[str, str] = {}
         self.stats: dict[str, list[int]] = {}
 

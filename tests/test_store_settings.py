@@ -119,12 +119,14 @@ def test_optimizer_names_are_case_insensitive_and_unknown_ones_list_the_choices(
 def test_every_setting_is_a_run_serve_and_sweep_option_derived_from_the_model():
     from flows.cli import _parser, _settings
 
-    parser = _parser()
     for command in ("run", "serve", "sweep"):
         extra = ["--cron", "0 * * * *"] if command == "serve" else []
-        args = parser.parse_args([command, *extra])
+        args = _parser(command).parse_args([command, *extra])
         assert _settings(args) == CalibrationSettings()  # every default reaches the settings unchanged
+    parser = _parser("run")
     actions = {a.dest: a for a in parser._subparsers._group_actions[0].choices["run"]._actions}
+    # the other commands' parsers are built without the settings (and pydantic)
+    assert "lr" not in {a.dest for a in _parser("predict")._subparsers._group_actions[0].choices["run"]._actions}
     for name, field in CalibrationSettings.model_fields.items():
         action = actions[name]
         assert action.option_strings == ["--" + name.replace("_", "-")]
@@ -210,7 +212,7 @@ def test_a_stage_written_beside_a_failing_check_is_never_installed(tmp_path):
             folder.write("ingest.npy", columns_file([np.ones(10), np.zeros(10)]), beside_it=check)
             folder.install()
     assert not store.stage_intact("ingest", KEY)
-    assert not list((tmp_path / "stages" / "01_ingest").iterdir())  # not even a temporary folder
+    assert list(tmp_path.iterdir()) == []  # not even a temporary folder, nor the folders made for it
 
     def failing_writer(path):
         path.write_bytes(b"part")
@@ -220,7 +222,7 @@ def test_a_stage_written_beside_a_failing_check_is_never_installed(tmp_path):
         with store.stage_folder("ingest", KEY) as folder:
             folder.write("ingest.npy", failing_writer, beside_it=lambda: "checked")
             folder.install()
-    assert not list((tmp_path / "stages" / "01_ingest").iterdir())
+    assert list(tmp_path.iterdir()) == []
 
     with store.stage_folder("ingest", KEY) as folder:
         assert folder.write("ingest.npy", columns_file([np.ones(10), np.arange(10.0)]), beside_it=lambda: "checked") == "checked"
@@ -229,3 +231,9 @@ def test_a_stage_written_beside_a_failing_check_is_never_installed(tmp_path):
     assert ref["summary"] == {"rows": 10} and ref["path"].endswith("ingest.npy") and set(ref["files"]) == {"ingest.npy", "note.txt"}
     np.testing.assert_array_equal(store.load(ref)[:, 1], np.arange(10.0))
     assert store.stage_intact("ingest", KEY)
+
+    other = "cd" * 32  # a failure beside an installed stage leaves that stage's folders as they are
+    with pytest.raises(ValueError, match="row 3 is bad"):
+        with store.stage_folder("ingest", other) as folder:
+            folder.write("ingest.npy", columns_file([np.ones(10), np.zeros(10)]), beside_it=check)
+    assert [p.name for p in (tmp_path / "stages" / "01_ingest").iterdir()] == [KEY]
