@@ -28,8 +28,9 @@ def _numeric(series: pd.Series) -> pd.Series:
 
 def _all_within(series: pd.Series, low: float) -> bool:
     """True when a float64 column's values are all finite and at least `low`, judged by its minimum
-    and maximum (NaN makes them NaN): two reductions instead of a temporary boolean array of every
-    row (on 10 million rows 5 ms against 30 ms). False means only that the element-wise check must tell."""
+    and maximum (NaN makes them NaN): two reductions and no temporary array (on 10 million rows
+    about 8 ms, where the element-wise check's boolean arrays took about 18 ms). False means only
+    that the element-wise check must tell."""
     if series.dtype != np.float64 or series.empty:
         return False
     values = series.to_numpy()

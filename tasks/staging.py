@@ -106,6 +106,8 @@ def columns_file(columns: list):
     import numpy as np
 
     arrays = [np.ascontiguousarray(column, dtype=np.float64) for column in columns]
+    if len({len(array) for array in arrays}) > 1 or any(array.ndim != 1 for array in arrays):
+        raise ValueError(f"columns of one table must be 1-D and equally long, not of shapes {[a.shape for a in arrays]}")
     header = io.BytesIO()
     shape = (len(arrays[0]) if arrays else 0, len(arrays))
     np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float64)),

@@ -195,6 +195,8 @@ def test_columns_file_is_numpys_own_npy_and_loads_as_the_table(tmp_path):
     loaded = store.load(ref)
     np.testing.assert_array_equal(loaded[:, 0], reading)
     np.testing.assert_array_equal(loaded[:, 1], celsius)
+    with pytest.raises(ValueError, match="equally long"):
+        columns_file([reading, celsius[:-1]])
 
 
 def test_a_stage_written_beside_a_failing_check_is_never_installed(tmp_path):
