@@ -13,8 +13,8 @@ thermocal's own modules are imported fresh from the command's import path (an ed
 runs its edits). The command waits for the copy's exit code and passes on Ctrl-C and termination
 signals; the copy ends if the command does. This is the zygote of Android and the fork server of
 Python's multiprocessing, kept as Gradle keeps its daemon. A run then skips the 2-5 s its imports
-took: in `make bench` a cached run took 0.6x Prefect's own one-task flow and a run with a new --lr
-0.9x (2.4x in a process of its own).
+took: in `make bench` a cached run took 0.5-0.6x Prefect's own one-task flow and a run with a new
+--lr 0.7-0.9x (2.4x in a process of its own).
 
 The command falls back to running in its own process whenever the warm process is not there yet,
 was started from other library files (a package upgraded since: it then exits, and the supervisor
