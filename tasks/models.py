@@ -53,6 +53,7 @@ class Model:
     kind: str
     spec: str
     linear_in_params = False
+    random_start = False  # initial(generator) draws from the generator (otherwise it takes None)
     feature_ndim = 1  # features of one data set are (n,) readings; Poly's basis values are (n, K + 1)
     # the learning rate of plain gradient descent when --lr is not given, by normalization
     AUTO_LR: dict[str, float]
@@ -237,6 +238,7 @@ class MLP(Model):
     carry the state_dict's names, so `net.load_state_dict` takes them as they are."""
 
     kind = "mlp"
+    random_start = True
     names = ("0.weight", "0.bias", "2.weight", "2.bias")
     AUTO_LR = AUTO_LR["mlp"]
 

@@ -6,6 +6,7 @@ import contextvars
 import math
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -97,10 +98,30 @@ def _log_line(epoch: int, train: float, val: float | None) -> str:
 BLOW_UP = 1e6
 
 
+# Losses are read back (divergence checked, validation losses of the epochs since computed in one
+# batched forward, log lines written) at the end and at most this often. A short training (the
+# default run: 17 epochs, about a millisecond) reads them back once: each read-back costs 0.1-0.6 ms
+# of torch calls, more than all its epochs. A long one shows its lines as it goes.
+LOOK_EVERY = 0.1  # seconds
+
+
+def _blow_up_limit(first: float, dtype: torch.dtype) -> float:
+    """The loss past which training has diverged: BLOW_UP times the first loss, within the losses'
+    range (an inf first loss still catches inf)."""
+    return min(BLOW_UP * max(first, 1e-12), torch.finfo(dtype).max)
+
+
+def _cadence(after: int, upto: int, log_every: int, last: int = 0) -> list[int]:
+    """The epochs in (after, upto] at the seed's print cadence: 1-3, every `log_every`, and the
+    `last` when given. Each is logged, and ends a batch of validation losses (the same batches,
+    whenever they are computed, give the same bits)."""
+    first_every = (after // log_every + 1) * log_every
+    return sorted({*range(after + 1, min(upto, 3) + 1), *range(first_every, upto + 1, log_every), *([last] if after < last <= upto else [])})
+
+
 def _first_bad_epoch(losses: torch.Tensor, start: int, limit: float) -> int | None:
     """The first epoch (counted from start + 1) whose loss is not at most `limit`: past it, inf or
-    NaN (every comparison with NaN is false). One comparison and one reduction while all is well
-    (in a short training each kind of torch call costs its first-call setup once, 30-300 us)."""
+    NaN (every comparison with NaN is false). One comparison and one reduction while all is well."""
     within = losses <= min(limit, torch.finfo(losses.dtype).max)  # an inf limit (first loss inf) still catches inf
     if bool(within.all()):
         return None
@@ -139,7 +160,8 @@ def _validation_losses(objective, thetas: list[torch.Tensor], width: int) -> tor
     """The validation losses at many parameter points, (B,), in batched forwards of at most VALIDATION_BUDGET numbers."""
     chunk = max(1, VALIDATION_BUDGET // (max(1, len(objective.y)) * width))
     with torch.no_grad():
-        return torch.cat([objective.losses(torch.stack(thetas[start : start + chunk])) for start in range(0, len(thetas), chunk)])
+        losses = [objective.losses(torch.stack(thetas[start : start + chunk])) for start in range(0, len(thetas), chunk)]
+    return losses[0] if len(losses) == 1 else torch.cat(losses)
 
 
 def _epoch(stepper, f: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -178,9 +200,10 @@ def train_model(
     mini-batch order), so parallel trainings do not share torch's global one. `log` gets the seed's progress lines; `progress(epoch)` is called
     after every epoch and must stay cheap (it must not read a loss back).
     """
-    initial = model.initial(torch.Generator().manual_seed(seed)).to(y_train.dtype)
+    initial = model.initial(torch.Generator().manual_seed(seed) if model.random_start else None).to(y_train.dtype)
     stepper = make_stepper(strategy, model, initial, lr=lr, delta=delta, optimizer=optimizer)
-    generator = torch.Generator().manual_seed(seed)
+    full_batch = batch_size is None or batch_size >= len(x_train)
+    generator = None if full_batch else torch.Generator().manual_seed(seed)
     eps, mean_y2 = torch.finfo(y_train.dtype).eps, float(torch.dot(y_train, y_train)) / len(y_train) if stopping.tol else 0.0
     has_val = x_val is not None and x_val.numel() > 0
     val_objective = model.objective(x_val, y_val) if has_val else None
@@ -195,11 +218,13 @@ def train_model(
     val_hist: list[torch.Tensor] = []  # 0-dim tensors (per epoch) or 1-D ones (in bulk)
     recent: deque[float] = deque(maxlen=stopping.patience + 1)  # the last training losses, for tol
     best_val, best_epoch, best_params = float("inf"), 0, None
-    checked = 0  # losses before this index have been checked for inf/NaN (and validated in bulk)
+    checked = 0  # the training losses up to this epoch are read back: checked for inf/NaN, their lines written
+    evaluated = 0  # the validation losses up to this epoch are computed (`snapshots`: those after it)
     log_lines: list[str] = []
     stopped_by = "epochs"
-    full_batch = batch_size is None or batch_size >= len(x_train)
-    next_look = 1  # the next epoch at which losses are read back (the seed's cadence, and the end)
+    values: list[float] = []  # the training losses as Python floats, when stopping reads each one back
+    first_loss = limit = None  # the first loss and BLOW_UP times it, once read back
+    next_look = time.perf_counter() + LOOK_EVERY
     for epoch in range(1, epochs + 1):
         if val_each_epoch:
             val = val_objective.losses(stepper.snapshot()[None])[0]
@@ -214,8 +239,14 @@ def train_model(
         train_hist.append(loss)
         if progress is not None:
             progress(epoch)
-        if stopping.tol:
-            recent.append(float(loss))
+        look = False
+        if stopping.tol:  # the loss is read back every epoch here anyway: a bad one is caught at once
+            value = float(loss)
+            if limit is None:
+                first_loss, limit = value, _blow_up_limit(value, loss.dtype)
+            look = not value <= limit
+            values.append(value)
+            recent.append(value)
             if epoch > stopping.patience:
                 low, high = min(recent), max(recent)
                 # settled: within the relative band, or within the loss's own rounding (a float32 loss
@@ -223,22 +254,34 @@ def train_model(
                 if high - low <= max(stopping.tol * abs(low), eps * math.sqrt(max(low, 0.0) * mean_y2)):
                     stopped_by = "tol"
         last = epoch == epochs or stopped_by != "epochs"
-        # reading a loss back is a host sync: do it only at the seed's print cadence and at the end
-        if epoch == next_look or last:
-            next_look = epoch + 1 if epoch < 3 else (epoch // log_every + 1) * log_every
-            if snapshots:
-                val_hist.append(_validation_losses(val_objective, snapshots, model.width))
-                snapshots.clear()
-            first = float(train_hist[0])
-            bad = _first_bad_epoch(torch.stack(train_hist[checked:epoch]), checked, BLOW_UP * max(first, 1e-12))
-            if bad is not None or not _all_finite(stepper.params.detach()):
-                bad = bad or epoch
-                raise _diverged(bad, float(train_hist[bad - 1]), first, strategy, lr)
-            checked = epoch
-            line = _log_line(epoch, float(loss), float(val_hist[-1].reshape(-1)[-1]) if has_val else None)
-            log_lines.append(line)
-            if log is not None:
-                log(line)
+        # reading losses back is a host sync, and on a few rows its calls cost more than the epochs:
+        # it happens at the end and every LOOK_EVERY seconds, for every epoch since the last time
+        if last or look or time.perf_counter() >= next_look:
+            val_at = {}  # the validation loss at each epoch that ends a batch of them
+            for end in _cadence(evaluated, epoch, log_every, epoch if last else 0) if snapshots else ():
+                batch = _validation_losses(val_objective, snapshots[: end - evaluated], model.width)
+                del snapshots[: end - evaluated]
+                val_hist.append(batch)
+                val_at[end], evaluated = batch[-1], end
+            if values:  # every loss so far is read back and checked already: a bad one made this look
+                bad, losses, offset = (epoch if look else None), values, 0
+            else:
+                window = torch.stack(train_hist[checked:epoch])
+                if limit is None:
+                    first_loss = float(window[0])
+                    limit = _blow_up_limit(first_loss, window.dtype)
+                bad, losses, offset = _first_bad_epoch(window, checked, limit), window.tolist(), checked
+            if bad is None and last and not _all_finite(stepper.params.detach()):
+                bad = epoch  # the last step, after a finite loss, left them inf or NaN (before it, the next loss tells)
+            for logged in _cadence(checked, epoch if bad is None else bad - 1, log_every, epoch if last else 0):
+                val = (val_hist[logged - 1] if val_each_epoch else val_at[logged]) if has_val else None
+                line = _log_line(logged, losses[logged - 1 - offset], None if val is None else float(val))
+                log_lines.append(line)
+                if log is not None:
+                    log(line)
+            if bad is not None:
+                raise _diverged(bad, float(train_hist[bad - 1]), first_loss, strategy, lr)
+            checked, next_look = epoch, time.perf_counter() + LOOK_EVERY
         if last:
             break
     params = best_params if stopped_by == "validation" else stepper.params.detach()

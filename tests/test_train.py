@@ -6,8 +6,8 @@ import torch
 
 from tasks.errors import TrainingDiverged
 from tasks.model import least_squares
-from tasks.models import Linear
-from tasks.train import train_model
+from tasks.models import Linear, make_model
+from tasks.train import Stopping, train_model
 
 
 @pytest.mark.parametrize("strategy", ["analytic", "autograd", "finite-difference", "optimizer"])
@@ -151,6 +151,64 @@ def test_mini_batches_follow_their_own_seed(seed_data):
     assert (a.w, a.b) != (c.w, c.b)
     torch.manual_seed(123)  # the global generator plays no part
     assert (run(1).w, run(1).b) == (a.w, a.b)
+
+
+def _trained(monkeypatch, look_every: float, **options):
+    """train_model's result and its log lines, each line with the last epoch the loop had reached
+    when it came, losses read back every `look_every` seconds."""
+    import tasks.train
+
+    monkeypatch.setattr(tasks.train, "LOOK_EVERY", look_every)
+    reached, lines = [0], []
+    try:
+        result = train_model(progress=lambda epoch: reached.__setitem__(0, epoch), log=lambda line: lines.append((line, reached[0])), **options)
+    except TrainingDiverged as error:
+        return str(error), lines
+    return (result.params.tobytes(), result.train_loss.tobytes(), None if result.val_loss is None else result.val_loss.tobytes(),
+            result.epochs_run, result.stopped_by, result.log_lines), lines
+
+
+READ_BACK_CASES = {
+    "seed's configuration, validation rows": dict(strategy="analytic", lr=1e-2, epochs=1200, log_every=100),
+    "default stopping": dict(strategy="analytic", lr=1e-2, epochs=5000, stopping=Stopping(tol=1e-6)),
+    "network, mini-batches": dict(strategy="autograd", lr=1e-2, epochs=600, log_every=100, batch_size=4, model=make_model("mlp:4")),
+    "diverging, fixed epochs": dict(strategy="finite-difference", lr=1e-2, epochs=2000, raw=True),
+    "diverging, default stopping": dict(strategy="analytic", lr=1e-2, epochs=2000, stopping=Stopping(tol=1e-6), raw=True),
+}
+
+
+@pytest.mark.parametrize("case", READ_BACK_CASES)
+def test_losses_read_back_once_or_every_epoch_give_the_same_training(case, seed_data, monkeypatch):
+    """Losses are read back (validated in batches, checked, logged) at the end and every LOOK_EVERY
+    seconds: the outputs, the lines and the divergence named are the same whenever that happens."""
+    t_u, t_c = seed_data
+    options = dict(READ_BACK_CASES[case])
+    x = t_u if options.pop("raw", False) else 0.1 * t_u
+    model = options.pop("model", Linear())
+    if model.kind == "mlp":
+        model = model.fit((0.1 * t_u).double().numpy())
+    data = dict(x_train=x[:9], y_train=t_c[:9], x_val=x[9:], y_val=t_c[9:], model=model)
+    every_epoch, lines_every_epoch = _trained(monkeypatch, 0.0, **data, **options)
+    at_the_end, lines_at_the_end = _trained(monkeypatch, 1e9, **data, **options)
+    assert every_epoch == at_the_end
+    assert [line for line, _ in lines_every_epoch] == [line for line, _ in lines_at_the_end]
+    assert lines_every_epoch and all(line.startswith(f"Epoch {epoch},") for line, epoch in lines_every_epoch)  # each as its epoch ended
+    if case.startswith("diverging"):
+        assert "diverged at epoch" in at_the_end
+        epoch = int(at_the_end.split("epoch ")[1].split(":")[0])
+        assert [line.split(",")[0] for line, _ in lines_at_the_end] == [f"Epoch {e}" for e in range(1, min(epoch, 4))]
+    else:
+        # read back once, at the end: every line came after the last epoch
+        assert {reached for _, reached in lines_at_the_end} == {at_the_end[3]}
+
+
+def test_a_bad_loss_stops_training_at_once_when_stopping_reads_each_loss(seed_data):
+    """With --tol (the default) each loss is read back anyway: the epoch that diverges is the last one run."""
+    t_u, t_c = seed_data
+    reached = []
+    with pytest.raises(TrainingDiverged) as error:
+        train_model(t_u, t_c, None, None, strategy="analytic", lr=1e-2, epochs=5000, stopping=Stopping(tol=1e-6), progress=reached.append)
+    assert f"diverged at epoch {reached[-1]}:" in str(error.value) and reached[-1] < 20
 
 
 def test_divergence_checks_catch_inf_nan_and_blow_up_even_when_the_first_loss_is_inf():
