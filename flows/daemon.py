@@ -12,8 +12,7 @@ both. Its files, in PREFECT_HOME:
     thermocal-server-<port>.log       the server's output
     thermocal-server-<port>.used      touched by every command that uses it: its mtime is the last use
     thermocal-server-<port>.leases/   one file per process using it right now, named by its pid
-    .thermocal-server.lock            held while a command looks for the server or starts one, so
-                                      two first runs at once start one server, not two
+    .thermocal-server.lock            held while a command looks for the server or starts one (two first runs start one)
 
 Environment: THERMOCAL_SERVER=ephemeral runs without it (Prefect's temporary server per process,
 as before); THERMOCAL_SERVER_IDLE sets the idle time in seconds (default three hours, 0: never);
@@ -301,6 +300,7 @@ def start(port: int, idle: float, timeout: float = STARTUP_TIMEOUT, warm=None) -
     server exits or stays silent for `timeout` seconds, it is stopped and the error shows the end
     of its log.
     """
+    from tasks.durable import atomic_write
     from tasks.errors import InvalidInput
 
     files = ServerFiles(port)
@@ -309,7 +309,7 @@ def start(port: int, idle: float, timeout: float = STARTUP_TIMEOUT, warm=None) -
         process = subprocess.Popen([sys.executable, "-m", "flows.daemon", "--port", str(port), "--idle", str(idle)],
                                    env=server_env(port), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True, cwd=Path(__file__).resolve().parents[1])
-    files.pid.write_text(str(process.pid))
+    atomic_write(files.pid, lambda path: path.write_text(str(process.pid)))  # never seen half-written
     deadline = time.monotonic() + timeout
     if warm is not None:
         warm()
@@ -324,9 +324,9 @@ def start(port: int, idle: float, timeout: float = STARTUP_TIMEOUT, warm=None) -
     return process.pid
 
 
-def running_servers() -> list[tuple[int, int]]:
-    """(port, supervisor pid) of thermocal's servers in this PREFECT_HOME whose process runs;
-    pid files of servers that died are removed."""
+def running_servers(prune: bool = False) -> list[tuple[int, int]]:
+    """(port, supervisor pid) of thermocal's servers in this PREFECT_HOME whose process runs; with `prune` (under the
+    commands' lock only: a command without it could take a pid file being written for dead), those of dead ones go."""
     found = []
     for pid_file in sorted(home().glob("thermocal-server-*.pid")):
         try:
@@ -336,7 +336,7 @@ def running_servers() -> list[tuple[int, int]]:
         pid = ServerFiles(port).read_pid()
         if pid is not None and alive(pid) and is_supervisor(pid):
             found.append((port, pid))
-        else:
+        elif prune:
             pid_file.unlink(missing_ok=True)
     return found
 
@@ -354,7 +354,7 @@ def ensure(say=lambda line: print(line, file=sys.stderr, flush=True), warm=None)
     through `say`; `warm()` runs while it starts). A server whose process lives but whose API no longer answers is stopped and
     replaced; a port another program holds is skipped."""
     with _locked():
-        for port, pid in running_servers():
+        for port, pid in running_servers(prune=True):
             if healthy(port, timeout=5.0):
                 ServerFiles(port).used.touch()  # before the lock is released: see supervise
                 return port

@@ -144,6 +144,27 @@ def test_first_runs_start_one_server_later_runs_reuse_it_and_stop_ends_it(tmp_pa
     assert down.returncode == 1 and "down: no thermocal server runs" in down.stdout
 
 
+def test_only_a_command_holding_the_lock_removes_the_pid_file_of_a_server_it_finds_dead(tmp_path, monkeypatch):
+    """A run looks for the warm process without the servers' lock: a pid file it finds half-written
+    (empty), or naming a process that is not (yet) a supervisor, stays for the command that starts
+    or checks servers under the lock. (A run that removed it made the next one start a second server.)"""
+    from flows import daemon
+    from flows.connect import warm_port
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("THERMOCAL_WARM", "1")
+    monkeypatch.setenv("THERMOCAL_SERVER", "local")
+    monkeypatch.setattr("flows.connect._configured_api_url", lambda: None)
+    being_written, not_a_supervisor = daemon.ServerFiles(40001).pid, daemon.ServerFiles(40002).pid
+    being_written.write_text("")
+    not_a_supervisor.write_text(str(os.getpid()))
+    assert warm_port() is None and daemon.running_servers() == []
+    assert being_written.exists() and not_a_supervisor.exists()
+    assert daemon.running_servers(prune=True) == []
+    assert not being_written.exists() and not not_a_supervisor.exists()
+
+
 def test_a_dead_server_and_a_taken_port_are_noticed_and_an_unused_server_stops_itself(tmp_path, home, readings_csv):
     port = _free_port()
     home.mkdir(parents=True)
