@@ -7,7 +7,6 @@ import math
 import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -208,15 +207,14 @@ def train_model(
     has_val = x_val is not None and x_val.numel() > 0
     val_objective = model.objective(x_val, y_val) if has_val else None
     # the validation loss of each epoch is that of the parameters before its step: they are kept
-    # (`snapshot`, no copy where the stepper replaces them) and evaluated in one batched forward at
-    # the log cadence, unless early stopping on validation needs each one as it comes
+    # (`snapshot`, no copy where the stepper replaces them) and evaluated in batched forwards that
+    # end at the log cadence, unless early stopping on validation needs each one as it comes
     val_each_epoch = has_val and stopping.val_patience > 0
     snapshots: list[torch.Tensor] = []
     # losses stay 0-dim tensors in lists (appending costs less than writing into a tensor, and
-    # reading one back costs a call); stacked only at the log cadence and at the end
+    # reading one back costs a call); stacked only when read back and at the end
     train_hist: list[torch.Tensor] = []
     val_hist: list[torch.Tensor] = []  # 0-dim tensors (per epoch) or 1-D ones (in bulk)
-    recent: deque[float] = deque(maxlen=stopping.patience + 1)  # the last training losses, for tol
     best_val, best_epoch, best_params = float("inf"), 0, None
     checked = 0  # the training losses up to this epoch are read back: checked for inf/NaN, their lines written
     evaluated = 0  # the validation losses up to this epoch are computed (`snapshots`: those after it)
@@ -246,8 +244,8 @@ def train_model(
                 first_loss, limit = value, _blow_up_limit(value, loss.dtype)
             look = not value <= limit
             values.append(value)
-            recent.append(value)
             if epoch > stopping.patience:
+                recent = values[-(stopping.patience + 1):]  # the last training losses, for tol
                 low, high = min(recent), max(recent)
                 # settled: within the relative band, or within the loss's own rounding (a float32 loss
                 # near a tiny optimum jitters by about eps * sqrt(loss * mean(y^2)), far above tol * loss)
