@@ -23,6 +23,18 @@ _UNUSABLE_OPTIMIZERS = {"optimizer", "sparseadam", "muon"}
 FD_BUDGET = 1 << 24
 
 
+# torch's autograd engine, as loss.backward() reaches it. On a few rows, backward()'s own Python
+# (normalizing its arguments, making the seed gradient 1, checking logging hooks and tensor
+# subclasses, none of which applies here) costs about as much as the whole forward and backward:
+# `backward` calls the engine as backward() does, with those already settled.
+_ENGINE = torch.autograd.Variable._execution_engine
+
+
+def backward(loss: torch.Tensor, one: torch.Tensor) -> None:
+    """loss.backward() for a 0-dim `loss` with gradient `one` (1 in its dtype): into the leaves' .grad."""
+    _ENGINE.run_backward((loss,), (one,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+
+
 @functools.cache
 def _optimizer_classes() -> dict[str, type[torch.optim.Optimizer]]:
     return {
@@ -124,27 +136,35 @@ class FiniteDifferenceStepper(Stepper):
 
 
 class AutogradStepper(Stepper):
-    """backward() fills params.grad; zeroed every epoch, since gradients accumulate."""
+    """backward() fills params.grad; each step makes the next parameters a new leaf tensor.
+
+    The seed updates its leaf in place and zeroes its gradient; a new leaf each epoch does the same
+    arithmetic (theta - lr * grad, outside the graph) with a fresh gradient, and the old parameters
+    stay as they were, so `snapshot` hands them out without a copy.
+    """
 
     def __init__(self, model, params, lr):
         super().__init__(model, params, lr)
         self.params.requires_grad_(True)
         self.no_grad = torch.no_grad()  # one context object, entered every epoch
+        self.one = torch.ones((), dtype=self.params.dtype)  # d loss / d loss
 
     def loss_and_gradient(self, f, y):
         self.params.grad = None  # zeroed as torch.optim's zero_grad does: dropped, refilled by backward
         loss = self.objective(f, y).loss(self.params)
-        loss.backward()
+        backward(loss, self.one)
         return loss.detach(), self.params.grad
 
     def step(self, f, y):
-        loss, grad = self.loss_and_gradient(f, y)
+        loss = self.objective(f, y).loss(self.params)
+        backward(loss, self.one)
         with self.no_grad:  # the update is not part of the graph
-            self.params.sub_(grad, alpha=self.lr)
-        return loss
+            self.params = torch.sub(self.params, self.params.grad, alpha=self.lr)
+        self.params.requires_grad_(True)
+        return loss.detach()
 
     def snapshot(self):
-        return self.params.detach().clone()  # updated in place: a copy
+        return self.params.detach()  # never written again: replaced by the next step
 
 
 class OptimizerStepper(AutogradStepper):
@@ -155,12 +175,15 @@ class OptimizerStepper(AutogradStepper):
         self.optimizer = _optimizer_classes()[optimizer.lower()]([self.params], lr=lr)
         self.needs_closure = isinstance(self.optimizer, torch.optim.LBFGS)  # it evaluates the loss several times
 
+    def snapshot(self):
+        return self.params.detach().clone()  # the optimizer updates them in place: a copy
+
     def _closure(self, f, y):
         # what optimizer.zero_grad() does for its one parameter (set_to_none), without its profiler
         # bookkeeping, which costs about as much as the whole forward here
         self.params.grad = None
         loss = self.objective(f, y).loss(self.params)
-        loss.backward()
+        backward(loss, self.one)
         return loss
 
     def step(self, f, y):

@@ -118,6 +118,31 @@ def test_autograd_gradients_do_not_accumulate(seed_data):
     torch.testing.assert_close(first, second)
 
 
+@pytest.mark.parametrize("spec", ["linear", "poly:3", "mlp:13"])
+def test_autograd_steps_are_the_seeds_loop_bit_for_bit(spec):
+    # the seed's loop, written as it teaches it: one leaf updated in place, its gradient zeroed,
+    # F.mse_loss, loss.backward(). The stepper reaches the autograd engine without backward()'s
+    # Python and makes a new leaf each step: the same numbers to the last bit, every epoch.
+    model, f, y, theta = _random_problem(spec, 1)
+    f32, y32, theta32 = f.float(), y.float(), theta.float()
+    x = model.design(f32).contiguous() if model.linear_in_params else f32
+    params = theta32.clone().requires_grad_(True)
+    stepper = make_stepper("autograd", model, theta32, lr=1e-3)
+    for epoch in range(200):
+        if params.grad is not None:
+            params.grad.zero_()
+        loss = torch.nn.functional.mse_loss(model.forward(params, x), y32)
+        loss.backward()
+        with torch.no_grad():
+            params.sub_(params.grad, alpha=1e-3)
+        ours = stepper.step(f32, y32)
+        assert torch.equal(ours, loss.detach()), f"epoch {epoch + 1}: loss {ours} != {loss}"
+        assert torch.equal(stepper.params.detach(), params.detach()), f"epoch {epoch + 1}"
+    snapshot = stepper.snapshot()
+    stepper.step(f32, y32)
+    assert torch.equal(snapshot, params.detach())  # a snapshot is not changed by later steps
+
+
 @pytest.mark.parametrize("spec", ["linear", "poly:2", "mlp:13"])
 def test_calc_forward_builds_a_graph_only_when_training(spec, seed_data):
     t_u, t_c = seed_data
