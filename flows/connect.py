@@ -9,6 +9,7 @@ process. Nothing here imports Prefect before it is needed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -126,6 +127,44 @@ def _warm_imports() -> None:
     matplotlib.use("Agg")
 
 
+@functools.cache
+def verified_tls(cafile: str):
+    import ssl
+
+    return ssl.create_default_context(cafile=cafile)  # as Prefect's clients build it
+
+
+def _with_shared_tls(init):
+    @functools.wraps(init)
+    def __init__(self, api, *args, httpx_settings=None, **kwargs):
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+
+        if "verify" not in (httpx_settings or {}) and not PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+            import certifi
+
+            httpx_settings = {**(httpx_settings or {}), "verify": verified_tls(PREFECT_API_SSL_CERT_FILE.value() or certifi.where())}
+        init(self, api, *args, httpx_settings=httpx_settings, **kwargs)
+
+    __init__.shares_tls = True
+    return __init__
+
+
+def share_tls_context() -> None:
+    """One verified TLS context for every Prefect API client of this process, per certificate file.
+
+    Each PrefectClient and SyncPrefectClient builds its own (ssl.create_default_context, loading
+    every CA certificate: 25-30 ms of CPU here), and a run makes four (the flow's, the result
+    store's, the log and event workers'), though a local server speaks plain HTTP. An SSLContext
+    is meant to be shared between clients (httpx says so); each gets the one Prefect would build.
+    The warm process installs this before it forks (its forks inherit the built context: flows.*
+    is imported afresh in a fork, the wrapper stays on Prefect's classes with its cache)."""
+    from prefect.client import orchestration
+
+    for cls in (orchestration.PrefectClient, orchestration.SyncPrefectClient):
+        if not getattr(cls.__init__, "shares_tls", False):
+            cls.__init__ = _with_shared_tls(cls.__init__)
+
+
 @contextlib.contextmanager
 def prefect_session(serving: bool = False):
     """Prefect's settings for this machine, quiet user errors, and the server this command talks
@@ -148,6 +187,7 @@ def prefect_session(serving: bool = False):
     import flows.calibrate  # noqa: F401  (imports Prefect, whose logging set-up _quiet_user_errors adjusts)
 
     quiet_user_errors()
+    share_tls_context()
     if port is not None:
         from flows import daemon
 

@@ -168,7 +168,8 @@ def _warm_up() -> None:
     """Run, once, what every run's first calls would otherwise set up in each fork: torch's
     kernels for the training ops (a least-squares step, a batched evaluation, autograd's backward
     and a torch.optim step, whose first call loads torch._dynamo), pandas' CSV parser, a pandera
-    validation, and a matplotlib figure saved as PNG and PDF (its fonts). All on a few numbers, in
+    validation, a matplotlib figure saved as PNG and PDF (its fonts), and the TLS context Prefect's
+    API clients share (flows.connect.share_tls_context). All on a few numbers, in
     this thread only: torch starts no thread pool for tensors this small, which the check after it
     confirms (a fork copies only the thread that forks; numpy's OpenBLAS, whose thread exists from
     its import, restarts its own in a fork)."""
@@ -194,7 +195,7 @@ def _warm_up() -> None:
     optimizer = torch.optim.SGD([weights], lr=0.1)
     for _ in range(2):
         optimizer.zero_grad()
-        (((weights[0] * x + weights[1]) - y) ** 2).mean().backward()
+        torch.nn.functional.mse_loss(torch.mv(design, weights), y).backward()  # the loss autograd's loops differentiate
         optimizer.step()
     table = pd.read_csv(io.StringIO("reading,celsius\n1.0,2.0\n3.0,4.0\n"))
     pa.DataFrameSchema({"reading": pa.Column(float, pa.Check(lambda s: s > -1e9), coerce=True)}).validate(table, lazy=True)
@@ -208,6 +209,12 @@ def _warm_up() -> None:
     fig.savefig(io.BytesIO(), format="png")
     fig.savefig(io.BytesIO(), format="pdf")
     plt.close(fig)
+    import certifi
+
+    from flows.connect import share_tls_context, verified_tls
+
+    share_tls_context()
+    verified_tls(certifi.where())  # the TLS context of Prefect's clients, built once for every fork
     if _threads() != threads:
         raise RuntimeError(f"the warm-up started threads ({threads} before, {_threads()} after): forks would miss them")
 

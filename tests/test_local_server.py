@@ -247,3 +247,38 @@ def test_a_prefect_api_url_from_any_of_prefects_sources_wins_over_the_local_serv
     env.pop("PREFECT_API_URL", None)
     none = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert none.stdout.strip() == "None", none.stderr
+
+
+def test_prefect_clients_share_one_verified_tls_context_per_certificate_file(tmp_path, monkeypatch):
+    # Prefect builds a verified TLS context (every CA certificate loaded, 25-30 ms) for each API
+    # client; share_tls_context gives each the same one, built as Prefect builds it, once per file
+    import ssl
+
+    import certifi
+    from prefect.client.orchestration import PrefectClient, SyncPrefectClient
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+
+    from flows.connect import share_tls_context, verified_tls
+
+    built = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *args, **kwargs: built.append(kwargs) or real(*args, **kwargs))
+    share_tls_context()
+    share_tls_context()  # installed once
+    verified_tls.cache_clear()
+    api = "http://127.0.0.1:9/api"
+    default = PREFECT_API_SSL_CERT_FILE.value() or certifi.where()  # Prefect's choice (SSL_CERT_FILE, if set)
+    for cls in (PrefectClient, SyncPrefectClient, PrefectClient):
+        cls(api)
+    assert built == [{"cafile": default}]
+    assert verified_tls(default).verify_mode == ssl.CERT_REQUIRED and verified_tls(default).check_hostname
+    own = tmp_path / "ca.pem"
+    own.write_text(Path(certifi.where()).read_text())
+    with temporary_settings({PREFECT_API_SSL_CERT_FILE: str(own)}):
+        SyncPrefectClient(api), PrefectClient(api)
+    assert built == [{"cafile": default}, {"cafile": str(own)}]  # the file PREFECT_API_SSL_CERT_FILE names, once
+    with temporary_settings({PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):  # left to Prefect, which turns checks off
+        PrefectClient(api), PrefectClient(api)
+    assert built[2:] == [{}, {}]
+    PrefectClient(api, httpx_settings={"verify": real()})  # a client given a context of its own builds none
+    assert len(built) == 4
