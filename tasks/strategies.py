@@ -149,15 +149,18 @@ class AutogradStepper(Stepper):
         self.no_grad = torch.no_grad()  # one context object, entered every epoch
         self.one = torch.ones((), dtype=self.params.dtype)  # d loss / d loss
 
+    def _backward(self, f, y) -> torch.Tensor:
+        """The loss at the current parameters (in the graph), its gradient added to params.grad."""
+        loss = self.objective(f, y).loss(self.params)
+        backward(loss, self.one)
+        return loss
+
     def loss_and_gradient(self, f, y):
         self.params.grad = None  # zeroed as torch.optim's zero_grad does: dropped, refilled by backward
-        loss = self.objective(f, y).loss(self.params)
-        backward(loss, self.one)
-        return loss.detach(), self.params.grad
+        return self._backward(f, y).detach(), self.params.grad
 
     def step(self, f, y):
-        loss = self.objective(f, y).loss(self.params)
-        backward(loss, self.one)
+        loss = self._backward(f, y)  # a new leaf has no gradient yet: nothing to zero
         with self.no_grad:  # the update is not part of the graph
             self.params = torch.sub(self.params, self.params.grad, alpha=self.lr)
         self.params.requires_grad_(True)
@@ -182,9 +185,7 @@ class OptimizerStepper(AutogradStepper):
         # what optimizer.zero_grad() does for its one parameter (set_to_none), without its profiler
         # bookkeeping, which costs about as much as the whole forward here
         self.params.grad = None
-        loss = self.objective(f, y).loss(self.params)
-        backward(loss, self.one)
-        return loss
+        return self._backward(f, y)
 
     def step(self, f, y):
         if self.needs_closure:
